@@ -1,0 +1,88 @@
+"""Standard per-dataset transforms and normalisation constants.
+
+Array-backed datasets feed ``uint8`` CxHxW tensors straight into torchvision (v1) tensor
+transforms: no PIL round trip, and the result is bit-identical to the usual PIL pipeline
+``RandomCrop -> RandomHorizontalFlip -> ToTensor -> Normalize`` (same random draws, zero padding,
+same ``/255`` arithmetic). v1 is used rather than v2 because v2's per-call dispatch costs ~10% on
+32x32 images and buys nothing here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torchvision.transforms as T
+
+Transform = Callable[[Any], Any]
+
+# CIFAR-100 statistics exactly as mdistiller/CRD use them.
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+# CIFAR-10 per-channel pixel mean/std over the training set.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# STL-10 labelled train split statistics (pass CIFAR-100's for the 32x32 transfer protocol).
+STL10_MEAN = (0.4467, 0.4398, 0.4066)
+STL10_STD = (0.2603, 0.2566, 0.2713)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+
+class ToFloat:
+    """``uint8`` tensor -> ``float32`` in [0, 1] with exactly ``ToTensor``'s arithmetic (``/255``).
+
+    (v2 ``ToDtype(scale=True)`` multiplies by 1/255 instead, which can differ in the last ulp.)
+    """
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).div_(255)
+
+    def __repr__(self) -> str:
+        return "ToFloat()"
+
+
+def build_transform(
+    geometry: Sequence[Transform],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    normalize: bool = True,
+    raw: bool = False,
+    from_pil: bool = False,
+) -> Transform | None:
+    """Compose ``geometry`` (crops/flips/resizes) with the tensor conversion and normalisation.
+
+    ``raw=True`` stops after the geometry and returns ``uint8`` tensors (``None`` if nothing is
+    left to do); ``normalize=False`` gives float tensors in [0, 1]. ``from_pil`` inserts
+    ``PILToTensor`` after the geometry for datasets whose samples are PIL images.
+    """
+    ops: list[Transform] = list(geometry)
+    if from_pil:
+        ops.append(T.PILToTensor())
+    if not raw:
+        ops.append(ToFloat())
+        if normalize:
+            ops.append(T.Normalize(tuple(mean), tuple(std)))
+    if not ops:
+        return None
+    return T.Compose(ops)
+
+
+def crop_flip(size: int, padding: int) -> list[Transform]:
+    """The field's small-image augmentation: zero-padded random crop + horizontal flip."""
+    return [T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()]
+
+
+def imagenet_geometry(train: bool, image_size: int = 224, resize_size: int | None = None) -> list:
+    """ImageNet geometry on PIL images: RandomResizedCrop+flip, or Resize+CenterCrop.
+
+    ``resize_size`` defaults to ``round(image_size / 0.875)`` (256 for 224).
+    """
+    if train:
+        return [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    resize = resize_size if resize_size is not None else round(image_size / 0.875)
+    return [T.Resize(resize), T.CenterCrop(image_size)]
