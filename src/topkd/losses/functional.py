@@ -1,0 +1,491 @@
+r"""Functional distillation losses (the public contract of ``/shared/method.md``).
+
+Conventions shared by every function:
+
+* ``s`` (student) and ``t`` (teacher) are logits of shape ``(B, C)`` or ``(..., C)``; leading
+  dims are flattened to rows. ``reduction="none"`` returns the leading shape ``(...)``.
+* Labels ``y`` are int class indices of shape ``(...)``, or ``(..., C)`` float probabilities
+  (mixup/cutmix) whose argmax is used by the target-dependent parts. ``ignore_index`` drops rows
+  whose label equals it: they are excluded from the mean (and are 0 under ``"none"``); a batch
+  with every row ignored gives 0, with a graph, never NaN.
+* KL divergences are summed over classes, averaged over the batch ("batchmean") and multiplied
+  by ``T**2``. Each function returns one term with its own explicit weights; cross-entropy and
+  warm-up are not included (see :class:`topkd.losses.DistillationLoss`).
+* The teacher never receives gradient: it is detached and its side runs under ``no_grad``.
+* Half-precision inputs are computed in float32 (the result is float32), so the losses are
+  safe under autocast.
+* ``validate=True`` checks for NaN/inf logits and out-of-range labels with one fused reduction
+  (one host sync); ``validate=False`` skips that, keeping only the free shape/option checks.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validate import (
+    acc_dtype,
+    as_compute,
+    check_k,
+    check_nonneg,
+    check_positive,
+    check_reduction,
+    check_schedule,
+    prepare,
+    reduce_rows,
+)
+
+__all__ = [
+    "kd_loss",
+    "dkd_loss",
+    "standardize",
+    "tsm",
+    "tdl_loss",
+    "contrastive_loss",
+    "topkd_loss",
+]
+
+#: Margin by which TSM's ground-truth correction puts ``y`` above every other class; keeps ``y``
+#: strictly on top even when ``lam == 0``. It is the only non-scale-equivariant constant of TSM.
+GT_MARGIN = 1e-3
+#: Norm floor of the cosines in TDL (as ``F.cosine_similarity``: each norm clamped separately).
+COS_EPS = 1e-8
+#: Norm floor of the contrastive term's normalization (as ``F.normalize``).
+NORM_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks (rows are (N, C), already validated and in the compute dtype)
+# --------------------------------------------------------------------------------------------
+def _center(x: Tensor) -> Tensor:
+    return x - x.mean(-1, keepdim=True)
+
+
+def _dsum(x: Tensor) -> Tensor:
+    """Row sum accumulated in float64 (a cast inside the reduction, no extra pass)."""
+    return x.sum(-1, dtype=acc_dtype(x))
+
+
+def _safe_norm(sq: Tensor, eps: float) -> Tensor:
+    """``max(sqrt(sq), eps)`` written so that its gradient is finite at ``sq == 0``."""
+    return sq.clamp_min(eps * eps).sqrt()
+
+
+def _cos(dot: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
+    return dot / (_safe_norm(xx, COS_EPS) * _safe_norm(yy, COS_EPS))
+
+
+def _kd_rows(s: Tensor, t: Tensor, T: float) -> Tensor:
+    log_ps = F.log_softmax(s / T, dim=-1)
+    with torch.no_grad():
+        log_pt = F.log_softmax(t / T, dim=-1)
+        pt = log_pt.exp()
+    return (pt * (log_pt - log_ps)).sum(-1) * (T * T)
+
+
+def _dkd_parts(z: Tensor, gt: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """log p_y, log(1 - p_y) and non-target log-probs of ``softmax(z)``, all in log space.
+
+    ``log(1 - p_y) = logsumexp(z_{j != y}) - logsumexp(z)`` never reaches ``log(0)``, even for
+    a saturated distribution, which is what the spec's "clamp the binary logs" asks for, without
+    the bias of a floor. The non-target log-probs are finite everywhere (also at ``y``, where
+    the teacher's non-target probability is exactly 0 and so contributes nothing).
+    """
+    lse = z.logsumexp(-1)
+    lse_nt = z.masked_fill(gt, float("-inf")).logsumexp(-1)
+    log_py = z.gather(-1, y[:, None]).squeeze(-1) - lse
+    log_q = z - lse_nt[:, None]
+    return log_py, lse_nt - lse, log_q
+
+
+def _dkd_rows(
+    s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float, T: float
+) -> tuple[Tensor, Tensor]:
+    gt = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, y[:, None], True)
+    spy, spn, sq = _dkd_parts(s / T, gt, y)
+    with torch.no_grad():
+        tpy, tpn, tq = _dkd_parts(t / T, gt, y)
+        q_t = tq.exp().masked_fill_(gt, 0.0)
+    tckd = tpy.exp() * (tpy - spy) + tpn.exp() * (tpn - spn)
+    nckd = (q_t * (tq - sq)).sum(-1)
+    return tckd * (T * T), nckd * (T * T)
+
+
+@torch.no_grad()
+def _tsm_rows(
+    t: Tensor,
+    y: Tensor,
+    k: int,
+    gamma: float,
+    lam: float,
+    correct_gt: bool,
+    schedule: str,
+    keep: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """TSM on rows; returns ``(u', corrected)``. See :func:`tsm` for the math."""
+    C = t.shape[-1]
+    u = _center(t)  # fresh tensor: modified in place below
+    vals, idx = u.topk(k, dim=-1)  # sorted, ties by torch.topk
+    if keep is not None:  # ignored rows: pretend y is the teacher's top-1 (no GT handling)
+        y = torch.where(keep, y, idx[:, 0])
+    r = torch.arange(k, device=u.device, dtype=u.dtype)
+    if schedule == "linear" and k > 1:
+        w = 1.0 + gamma * (k - 1 - r) / (k - 1)
+    else:
+        w = torch.full_like(r, 1.0 + gamma)
+    if k < C:  # sum(u) == 0, so mean(u[not I]) = -sum(u[I]) / (C - k): no pass over u needed
+        delta = lam * vals.sum(-1) * (1.0 / k + 1.0 / (C - k))
+    else:
+        delta = torch.zeros_like(vals[:, 0])  # nothing outside the top-k: no bias
+    u_y = u.gather(-1, y[:, None]).squeeze(-1)
+    new_top = w * vals + delta[:, None]
+    u.scatter_(-1, idx, new_top)
+    in_top = (idx == y[:, None]).any(-1)
+    new_y = torch.where(in_top, u.gather(-1, y[:, None]).squeeze(-1), w[-1] * u_y + delta)
+    if correct_gt:
+        # with gamma, lam >= 0 the rank-1 entry is max_{j != y} u'_j (proof in docs/losses.md)
+        corrected = idx[:, 0] != y
+        new_y = torch.where(corrected, new_top[:, 0] + delta + GT_MARGIN, new_y)
+    else:
+        corrected = torch.zeros_like(in_top)
+    u.scatter_(-1, y[:, None], new_y[:, None])
+    return u, corrected
+
+
+def _tdl_rows(
+    a: Tensor, c: Tensor, k: int, alpha: float, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TDL per row on centered ``a`` (student) and ``c`` (target, no grad).
+
+    The R-cosine is "total minus P minus N" of three row sums instead of masked copies; the sums
+    accumulate in float64 and the P/N products are bit-identical to the corresponding entries
+    of the full products, so the subtraction is exact up to float64 rounding.
+    Returns the loss and the squared norms ``|a|^2``, ``|c|^2`` (reused by the contrastive term).
+    """
+    C = c.shape[-1]
+    with torch.no_grad():
+        cP, P = c.topk(k, dim=-1)
+        # bottom k among the entries not in P: keeps P and N disjoint even with ties
+        cN, N = c.scatter(-1, P, float("inf")).topk(k, dim=-1, largest=False)
+        cc = _dsum(c * c)
+        ccP, ccN = _dsum(cP * cP), _dsum(cN * cN)
+    aP, aN = a.gather(-1, P), a.gather(-1, N)
+    aa, ac = _dsum(a * a), _dsum(a * c)
+    aaP, aaN = _dsum(aP * aP), _dsum(aN * aN)
+    acP, acN = _dsum(aP * cP), _dsum(aN * cN)
+    loss = alpha * (1 - _cos(acP, aaP, ccP)) + beta * (1 - _cos(acN, aaN, ccN))
+    if 2 * k < C:  # R is empty when 2k == C: its term is dropped
+        aaR = (aa - aaP - aaN).clamp_min(0.0)
+        ccR = (cc - ccP - ccN).clamp_min(0.0)
+        loss = loss + (1 - _cos(ac - acP - acN, aaR, ccR))
+    return loss.to(a.dtype), aa, cc
+
+
+def _con_rows(a: Tensor, c: Tensor, aa: Tensor, cc: Tensor, tau: float, keep: Tensor | None):
+    """Per-row symmetric InfoNCE, ``(CE_row_i + CE_col_i) / 2``; mean over rows is ``L_con``.
+
+    ``S = a c^T / (|a| |c|^T tau)`` is formed without normalized copies of ``a`` and ``c``.
+    Ignored rows are masked out of the similarity matrix (they are neither anchors nor
+    negatives); the diagonal is always kept so every logsumexp is finite.
+    """
+    na = _safe_norm(aa, NORM_EPS).to(a.dtype)
+    nc = _safe_norm(cc, NORM_EPS).to(a.dtype)
+    dev = a.device.type
+    # the matmul must not be downcast by an enclosing autocast region
+    ctx = torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext()
+    with ctx:
+        S = (a @ c.T) / (na[:, None] * nc[None, :] * tau)
+    if keep is not None:
+        pair = (keep[:, None] & keep[None, :]) | torch.eye(
+            len(keep), dtype=torch.bool, device=a.device
+        )
+        S = S.masked_fill(~pair, float("-inf"))
+    d = S.diagonal()
+    return (S.logsumexp(1) - d + S.logsumexp(0) - d) / 2
+
+
+def _topkd_parts(
+    s, t, y, *, k, tau, alpha, beta, gamma, lam, correct_gt, use_tsm, schedule,
+    ignore_index, validate, need_con=True, need_tdl=True, fn="topkd_loss",
+):  # fmt: skip
+    """Shared by :func:`topkd_loss` and the criterion: ``(con, tdl, corrected_rows, rows)``."""
+    rows = prepare(fn, s, t, y, ignore_index=ignore_index, validate=validate, need_labels=use_tsm)
+    C = rows.s.shape[-1]
+    check_k(fn, k, C, two_sided=True)
+    check_positive(fn, "tau", tau)
+    s2, t2 = as_compute(rows.s), as_compute(rows.t)
+    corrected = None
+    if use_tsm:
+        check_nonneg(fn, "gamma", gamma)
+        check_nonneg(fn, "lam", lam)
+        check_schedule(fn, schedule)
+        t2, corrected = _tsm_rows(t2, rows.y, k, gamma, lam, correct_gt, schedule, rows.keep)
+    a, c = _center(s2), _center(t2)  # shared by both terms
+    zero = a.new_zeros(()) + 0.0 * a[..., :1].sum()  # a skipped term: 0, still in the graph
+    tdl = con = zero
+    if need_tdl:
+        tdl_r, aa, cc = _tdl_rows(a, c, k, alpha, beta)
+        tdl = reduce_rows(tdl_r, rows.keep, rows.lead, "mean")
+    elif need_con:
+        acc = acc_dtype(a)
+        aa, cc = (a * a).sum(-1, dtype=acc), (c * c).sum(-1, dtype=acc)
+    if need_con:
+        con = reduce_rows(_con_rows(a, c, aa, cc, tau, rows.keep), rows.keep, rows.lead, "mean")
+    return con, tdl, corrected, rows
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def kd_loss(
+    s: Tensor,
+    t: Tensor,
+    temperature: float = 4.0,
+    reduction: str = "mean",
+    *,
+    validate: bool = True,
+) -> Tensor:
+    r"""Hinton knowledge distillation (without CE).
+
+    .. math::
+        \ell_b = T^2 \sum_c p^t_{bc} (\log p^t_{bc} - \log p^s_{bc}),\quad
+        p = \mathrm{softmax}(z / T)
+
+    KL summed over classes, mean over the batch, times ``T**2`` (equal to mdistiller's
+    ``F.kl_div(log_ps, pt, reduction="none").sum(1).mean() * T**2``).
+
+    Args:
+        s: student logits ``(B, C)`` or ``(..., C)``.
+        t: teacher logits, same shape (detached inside).
+        temperature: ``T > 0``.
+        reduction: ``"mean"`` (scalar), ``"sum"`` or ``"none"`` (shape ``(...)``).
+        validate: check for NaN/inf logits (one host sync).
+    """
+    fn = "kd_loss"
+    check_positive(fn, "temperature", temperature)
+    check_reduction(fn, reduction)
+    rows = prepare(fn, s, t, validate=validate)
+    loss = _kd_rows(as_compute(rows.s), as_compute(rows.t), float(temperature))
+    return reduce_rows(loss, None, rows.lead, reduction)
+
+
+def dkd_loss(
+    s: Tensor,
+    t: Tensor,
+    y: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    reduction: str = "mean",
+    *,
+    ignore_index: int | None = None,
+    validate: bool = True,
+) -> Tensor:
+    r"""Decoupled KD (Zhao et al., 2022) without CE and without warm-up.
+
+    .. math::
+        \ell_b = \alpha\, T^2\, \mathrm{KL}([p^t_y, 1-p^t_y] \,\|\, [p^s_y, 1-p^s_y])
+               + \beta\, T^2\, \mathrm{KL}(\hat q^t \,\|\, \hat q^s)
+
+    with ``p = softmax(z/T)`` and ``q̂`` the softmax over the non-target classes (target logit
+    masked out before the softmax). Batch mean; equals mdistiller's ``dkd_loss`` (which masks
+    with ``-1000`` and uses ``kl_div(..., reduction="sum") * T**2 / B``) before its warm-up
+    factor. Binary logs are computed in log space (``logsumexp`` over non-target classes), so a
+    saturated teacher or student never yields ``log(0)`` or NaN.
+
+    Args:
+        s, t: logits ``(..., C)``, ``C >= 2``; y: int labels ``(...)`` or probabilities
+        ``(..., C)``. alpha: TCKD weight; beta: NCKD weight; temperature: ``T > 0``;
+        reduction: ``"mean" | "sum" | "none"``; ignore_index: label value whose rows are dropped.
+    """
+    fn = "dkd_loss"
+    check_positive(fn, "temperature", temperature)
+    check_reduction(fn, reduction)
+    rows = prepare(fn, s, t, y, ignore_index=ignore_index, validate=validate, need_labels=True)
+    if rows.s.shape[-1] < 2:
+        raise ValueError(f"{fn}: needs C >= 2 classes, got C={rows.s.shape[-1]}")
+    tckd, nckd = _dkd_rows(
+        as_compute(rows.s), as_compute(rows.t), rows.y, alpha, beta, float(temperature)
+    )
+    return reduce_rows(alpha * tckd + beta * nckd, rows.keep, rows.lead, reduction)
+
+
+def standardize(z: Tensor, eps: float = 1e-7) -> Tensor:
+    r"""Logit standardization (LS, Sun et al., 2024): ``(z - mean(z)) / (std(z) + eps)`` per row.
+
+    ``std`` is the unbiased one (torch's default), over the last dim. Half inputs are computed
+    and returned in float32. The variance is floored at ``1e-30`` before the square root so that
+    a constant row maps to 0 with a finite gradient (``torch.std`` would give NaN there); values
+    are otherwise identical.
+
+    Note: every TopKD term is cosine-based on centered logits (per-row scale invariant) and TSM
+    is scale-equivariant up to :data:`GT_MARGIN`, so LS changes ``topkd_loss`` only through that
+    constant. LS matters for KD/DKD, not for TopKD.
+    """
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise ValueError(f"standardize: logits must be a floating-point tensor, got {z!r:.60}")
+    if z.dim() < 1 or z.shape[-1] < 2:
+        raise ValueError(f"standardize: needs (..., C) with C >= 2, got {tuple(z.shape)}")
+    z = as_compute(z)
+    std = z.var(-1, keepdim=True).clamp_min(1e-30).sqrt()
+    return (z - z.mean(-1, keepdim=True)) / (std + eps)
+
+
+def tsm(
+    t: Tensor,
+    y: Tensor,
+    k: int,
+    gamma: float = 1.0,
+    lam: float = 0.5,
+    correct_gt: bool = True,
+    schedule: str = "linear",
+    *,
+    ignore_index: int | None = None,
+    return_stats: bool = False,
+    validate: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Top-K Scaling Module: a teacher-logit transform (no gradient).
+
+    With ``u = t - mean(t)``, ``I = topk(u, k)`` at ranks ``r = 1..k``:
+
+    * rank weights ``w_r = 1 + gamma (k - r) / (k - 1)`` (``schedule="linear"``; ``k == 1``
+      gives ``1 + gamma``) or ``w_r = 1 + gamma`` (``"constant"``);
+    * bias ``delta = lam (mean(u_I) - mean(u_{not I}))`` (0 when ``k == C``);
+    * ``u'_i = w_r(i) u_i + delta`` for ``i in I``; if ``y`` is not in ``I``,
+      ``u'_y = w_k u_y + delta``; other entries unchanged;
+    * if ``correct_gt`` and the teacher's argmax is not ``y``:
+      ``u'_y = max_{j != y} u'_j + delta + 1e-3``.
+
+    Args:
+        t: teacher logits ``(..., C)``; y: labels ``(...)`` or probabilities ``(..., C)``.
+        k: ``1 <= k <= C``. gamma, lam: ``>= 0`` (they guarantee the ordering properties).
+        ignore_index: rows with this label get the top-k scaling but no label handling.
+        return_stats: also return the bool mask ``(...)`` of rows whose label was corrected.
+
+    Returns:
+        ``u'`` of ``t``'s shape (float32 for half inputs), or ``(u', corrected)``.
+    """
+    fn = "tsm"
+    rows = prepare(fn, t, None, y, ignore_index=ignore_index, validate=validate, need_labels=True)
+    check_k(fn, k, rows.s.shape[-1], two_sided=False)
+    check_nonneg(fn, "gamma", gamma)
+    check_nonneg(fn, "lam", lam)
+    check_schedule(fn, schedule)
+    u, corrected = _tsm_rows(
+        as_compute(rows.s.detach()), rows.y, k, gamma, lam, correct_gt, schedule, rows.keep
+    )
+    u = u.reshape(t.shape)
+    return (u, corrected.reshape(rows.lead)) if return_stats else u
+
+
+def tdl_loss(
+    s: Tensor,
+    b: Tensor,
+    k: int,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    reduction: str = "mean",
+    *,
+    ignore_index: int | None = None,
+    y: Tensor | None = None,
+    validate: bool = True,
+) -> Tensor:
+    r"""Top-K Decoupled Loss.
+
+    With ``a = centered(s)``, ``c = centered(b)``, ``P`` the ``k`` largest and ``N`` the ``k``
+    smallest entries of ``c`` (disjoint), ``R`` the other ``C - 2k``:
+
+    .. math::
+        \ell_b = \alpha (1 - \cos(a_P, c_P)) + \beta (1 - \cos(a_N, c_N)) + (1 - \cos(a_R, c_R))
+
+    Cosines clamp each norm at ``1e-8`` (as ``F.cosine_similarity``); the R term is dropped when
+    ``2k == C``. Invariant to per-row shift and positive scale of ``s`` and ``b``.
+
+    Args:
+        s: student logits ``(..., C)``. b: target logits, ``tsm(t, y, k)`` or ``t`` (no grad).
+        k: ``1 <= k``, ``2k <= C``. alpha, beta: weights of the P and N cosines (R has 1).
+        reduction: ``"mean" | "sum" | "none"``.
+        ignore_index, y: rows with ``y == ignore_index`` are dropped (TDL needs no labels
+            otherwise).
+    """
+    fn = "tdl_loss"
+    check_reduction(fn, reduction)
+    if ignore_index is not None and y is None:
+        raise ValueError(f"{fn}: ignore_index={ignore_index} needs the labels y")
+    rows = prepare(fn, s, b, y, ignore_index=ignore_index, validate=validate)
+    check_k(fn, k, rows.s.shape[-1], two_sided=True)
+    a, c = _center(as_compute(rows.s)), _center(as_compute(rows.t))
+    loss, _, _ = _tdl_rows(a, c, k, alpha, beta)
+    return reduce_rows(loss, rows.keep, rows.lead, reduction)
+
+
+def contrastive_loss(
+    s: Tensor,
+    b: Tensor,
+    tau: float = 0.1,
+    *,
+    ignore_index: int | None = None,
+    y: Tensor | None = None,
+    validate: bool = True,
+) -> Tensor:
+    r"""Symmetric InfoNCE between centered, L2-normalized student and target logits.
+
+    ``S = normalize(centered(s)) @ normalize(centered(b)).T / tau`` (``(B, B)``, rows = student
+    samples); ``L = (CE(S, arange(B)) + CE(S.T, arange(B))) / 2``. 0 for a batch of one.
+    Leading dims are flattened, so all rows of a ``(..., C)`` input form one batch. Under DDP
+    it is computed on each rank's local batch (no all-gather). Scale/shift invariant.
+    """
+    fn = "contrastive_loss"
+    check_positive(fn, "tau", tau)
+    if ignore_index is not None and y is None:
+        raise ValueError(f"{fn}: ignore_index={ignore_index} needs the labels y")
+    rows = prepare(fn, s, b, y, ignore_index=ignore_index, validate=validate)
+    a, c = _center(as_compute(rows.s)), _center(as_compute(rows.t))
+    acc = acc_dtype(a)
+    aa, cc = (a * a).sum(-1, dtype=acc), (c * c).sum(-1, dtype=acc)
+    return reduce_rows(_con_rows(a, c, aa, cc, tau, rows.keep), rows.keep, rows.lead, "mean")
+
+
+def topkd_loss(
+    s: Tensor,
+    t: Tensor,
+    y: Tensor,
+    k: int = 5,
+    w_con: float = 1.0,
+    w_tdl: float = 1.0,
+    tau: float = 0.1,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    gamma: float = 1.0,
+    lam: float = 0.5,
+    correct_gt: bool = True,
+    use_tsm: bool = True,
+    *,
+    schedule: str = "linear",
+    ignore_index: int | None = None,
+    validate: bool = True,
+) -> Tensor:
+    r"""TopKD distillation term (without CE and warm-up).
+
+    ``w_con * contrastive_loss(s, b, tau) + w_tdl * tdl_loss(s, b, k, alpha, beta)`` with
+    ``b = tsm(t, y, k, gamma, lam, correct_gt, schedule)`` if ``use_tsm`` else ``t``; the
+    centered student logits and the norms are shared between both terms.
+
+    Both terms are cosine-based on centered logits and TSM is scale-equivariant up to its
+    ``1e-3`` correction margin: logit standardization (LS) therefore changes this loss only
+    through that margin (exactly not at all when no label is corrected).
+
+    Args:
+        s, t: logits ``(..., C)``; y: labels ``(...)`` or probabilities ``(..., C)``.
+        k: ``1 <= k``, ``2k <= C``. Other arguments as in :func:`tsm`, :func:`tdl_loss` and
+        :func:`contrastive_loss`. A weight of 0 skips the corresponding computation.
+    """
+    con, tdl, _, _ = _topkd_parts(
+        s, t, y, k=k, tau=tau, alpha=alpha, beta=beta, gamma=gamma, lam=lam,
+        correct_gt=correct_gt, use_tsm=use_tsm, schedule=schedule, ignore_index=ignore_index,
+        validate=validate, need_con=w_con != 0, need_tdl=w_tdl != 0,
+    )  # fmt: skip
+    return w_con * con + w_tdl * tdl
