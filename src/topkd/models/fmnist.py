@@ -1,0 +1,84 @@
+"""Compact CNNs for Fashion-MNIST (1x28x28) used by the CPU demo.
+
+* ``fmnist_cnn_teacher``: five conv-BN-ReLU blocks (32 | 64-64 | 128-256), 427,882 parameters.
+* ``fmnist_cnn_student``: three conv-BN-ReLU blocks (12 | 24 | 48), 13,726 parameters,
+  built to train quickly on a couple of CPU cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._factory import register_model
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """3x3 conv (no bias) - BatchNorm - ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class SmallCNN(ClassifierModel):
+    """Stages of conv-BN-ReLU blocks, 2x2 max-pool after every stage but the last, global
+    average pool, optional dropout, linear classifier.
+
+    Args:
+        stages: per stage, the widths of its conv blocks.
+        in_channels: 1 for Fashion-MNIST.
+        drop_rate: dropout before the classifier.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Sequence[int]],
+        num_classes: int = 10,
+        in_channels: int = 1,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, widths in enumerate(stages):
+            for w in widths:
+                layers.append(conv_bn_relu(cin, w))
+                cin = w
+            if i < len(stages) - 1:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.drop = nn.Dropout(drop_rate)
+        self.feature_dim = cin
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.forward_features(x)))
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+
+TEACHER_STAGES = ((32,), (64, 64), (128, 256))
+STUDENT_STAGES = ((12,), (24,), (48,))
+
+
+@register_model("fmnist_cnn_teacher", family="fmnist", input_size=(1, 28, 28))
+def fmnist_cnn_teacher(num_classes: int = 10, **kw: object) -> SmallCNN:
+    """Fashion-MNIST teacher CNN (32 | 64-64 | 128-256, dropout 0.2)."""
+    kw.setdefault("drop_rate", 0.2)
+    return SmallCNN(TEACHER_STAGES, num_classes=num_classes, **kw)  # type: ignore[arg-type]
+
+
+@register_model("fmnist_cnn_student", family="fmnist", input_size=(1, 28, 28))
+def fmnist_cnn_student(num_classes: int = 10, **kw: object) -> SmallCNN:
+    """Fashion-MNIST student CNN (12 | 24 | 48), fast on CPU."""
+    return SmallCNN(STUDENT_STAGES, num_classes=num_classes, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,110 @@
+"""CIFAR VGG with BatchNorm (vgg8/11/13/16/19 = the field's ``vgg*_bn``).
+
+Five conv blocks (``block0`` ... ``block4``; each a Sequential of conv-BN-ReLU whose last ReLU
+is applied in ``forward``), max-pools between the first four, global average pool, and a
+single ``classifier`` Linear(512, C), as in RepDistiller/mdistiller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._factory import register_model
+
+CFGS: dict[str, list[list[int]]] = {
+    "vgg8": [[64], [128], [256], [512], [512]],
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
+    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    "vgg19": [
+        [64, 64],
+        [128, 128],
+        [256, 256, 256, 256],
+        [512, 512, 512, 512],
+        [512, 512, 512, 512],
+    ],
+}
+
+
+def _make_block(widths: Sequence[int], cin: int, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers.append(nn.Conv2d(cin, w, kernel_size=3, padding=1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(w))
+        layers.append(nn.ReLU(inplace=True))
+        cin = w
+    return nn.Sequential(*layers[:-1])  # the block's last ReLU runs in forward
+
+
+class VGG(ClassifierModel):
+    """VGG for 32x32 (and 64x64) inputs.
+
+    As in the reference, the fourth max-pool is only applied to inputs of height >= 64, so the
+    last block runs at 4x4 for 32x32 inputs (and 2x2 for 28x28).
+    """
+
+    def __init__(
+        self,
+        cfg: Sequence[Sequence[int]],
+        batch_norm: bool = True,
+        num_classes: int = 100,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        self.block0 = _make_block(cfg[0], in_channels, batch_norm)
+        self.block1 = _make_block(cfg[1], cfg[0][-1], batch_norm)
+        self.block2 = _make_block(cfg[2], cfg[1][-1], batch_norm)
+        self.block3 = _make_block(cfg[3], cfg[2][-1], batch_norm)
+        self.block4 = _make_block(cfg[4], cfg[3][-1], batch_norm)
+        self.pool0 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.feature_dim = cfg[4][-1]
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[2]
+        x = self.pool0(F.relu(self.block0(x)))
+        x = self.pool1(F.relu(self.block1(x)))
+        x = self.pool2(F.relu(self.block2(x)))
+        x = F.relu(self.block3(x))
+        if h >= 64:
+            x = self.pool3(x)
+        x = F.relu(self.block4(x))
+        return global_pool(x)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.classifier
+
+
+def _register(name: str) -> None:
+    def factory(num_classes: int = 100, **kw: object) -> VGG:
+        return VGG(CFGS[name], batch_norm=True, num_classes=num_classes, **kw)  # type: ignore[arg-type]
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name.upper()} with BatchNorm for CIFAR (the field's {name}_bn)."
+    register_model(name, family="cifar", input_size=(3, 32, 32), aliases=(f"{name}_bn",))(factory)
+
+
+for _name in CFGS:
+    _register(_name)
