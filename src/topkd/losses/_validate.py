@@ -58,6 +58,12 @@ def check_k(fn: str, k: int, num_classes: int, *, two_sided: bool) -> None:
         raise ValueError(f"{fn}: k must satisfy 1 <= k and {rule} (C={num_classes}), got k={k}")
 
 
+def check_k_int(fn: str, k: int) -> None:
+    """The part of :func:`check_k` that needs no ``C`` (module/spec construction time)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{fn}: k must be an int >= 1, got {k!r}")
+
+
 def _check_logits(fn: str, what: str, x: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise ValueError(f"{fn}: {what} logits must be a torch.Tensor, got {type(x).__name__}")
