@@ -179,6 +179,12 @@ def test_imagefolder(tmp_path):
         get_dataset("imagefolder", tmp_path, "test")
     raw = get_dataset("imagefolder", tmp_path, "train", raw=True, image_size=32)
     assert raw[0][0].dtype == torch.uint8 and raw[0][0].shape == (3, 32, 32)
+    (tmp_path / "val" / "zebra").rmdir()
+    (tmp_path / "train").rename(tmp_path / "train_gone")  # evaluation-only: val/ alone
+    only_val = get_dataset("imagefolder", tmp_path, "test", image_size=32)
+    assert only_val.classes == ["dog", "emu"] and only_val.info.num_classes == 2
+    with pytest.raises(DatasetNotFoundError, match="cannot find folder 'train/'"):
+        get_dataset("imagefolder", tmp_path, "train")
 
 
 # ---------------------------------------------------------------- Fashion-MNIST / IDX

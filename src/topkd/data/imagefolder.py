@@ -2,7 +2,8 @@
 
 Uses torchvision's ``ImageFolder``/``default_loader``; the test split is ``val/``. Labels come
 from the sorted class folders of ``train/`` for both splits, so a ``val/`` missing a class still
-gets the right indices (and a ``val/`` with unknown classes is an error).
+gets the right indices (and a ``val/`` with unknown classes is an error). With no ``train/`` at
+all, the test split uses ``val/``'s own sorted folders (evaluation-only setups).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class ImageFolderDataset(ImageFolder, ImageDataset):
     ) -> None:
         root = Path(root).expanduser()
         layout = f"  {root}/train/<class>/*.JPEG\n  {root}/val/<class>/*.JPEG"
-        train_dir, split_dir = root / "train", root / SPLIT_DIR[split]
+        split_dir = root / SPLIT_DIR[split]
+        # Evaluating with only val/ present: its own (sorted) folders define the classes.
+        train_dir = root / "train" if (root / "train").is_dir() or split == "train" else split_dir
         for d in (train_dir, split_dir):
             if not d.is_dir():
                 raise not_found(title, f"folder '{d.name}/'", [root], get_it, layout)
