@@ -1,0 +1,389 @@
+"""Typed run configuration: dataclasses, YAML ``defaults:`` composition and CLI overrides.
+
+>>> cfg = load_config("configs/cifar100/resnet32x4_resnet8x4/topkd.yaml", ["optim.lr=0.1"])
+>>> cfg.optim.lr
+0.1
+
+Every value is validated against its field type; errors are :class:`ConfigError` naming the key
+and what is allowed, so the CLI can print one clean line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from topkd.losses import LossSpec
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: unknown key, bad value, missing file or broken ``defaults:``."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar100"
+    root: str = "data"
+    batch_size: int = 64  # global batch, split across DDP ranks
+    eval_batch_size: int = 256
+    num_workers: int = 4
+    val_fraction: float = 0.0  # > 0: held-out val split carved from train with val_seed
+    val_seed: int = 0
+    augment: bool = True
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet8x4"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    name: str | None = None
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5.0e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 240
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"
+    grad_clip: float | None = None
+    log_every: int = 50
+    max_steps_per_epoch: int | None = None
+    teacher_cache: str | None = None
+    # Not in the original schema sketch (added for the engine): resume + SyncBN.
+    resume: str | None = None  # path to a checkpoint, or "auto" (RUN_DIR/checkpoints/last.pt)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    deterministic: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossSpec = field(default_factory=LossSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        cfg = _build(cls, data, "")
+        _check_ranges(cfg)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (every field) as YAML, atomically."""
+        from topkd.utils.io import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings, flow-style lists (``milestones: [150, 180, 210]``)."""
+
+
+_Dumper.add_representer(
+    list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load ``path`` (resolving ``defaults:`` recursively), apply ``key.sub=value`` overrides."""
+    raw = load_raw(path)
+    for ov in overrides:
+        apply_override(raw, ov)
+    return Config.from_dict(raw)
+
+
+def load_raw(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The merged YAML mapping of ``path`` and its ``defaults:`` (relative to the file)."""
+    p = Path(path).expanduser().resolve()
+    if p in _stack:
+        chain = " -> ".join(str(s) for s in (*_stack, p))
+        raise ConfigError(f"cyclic 'defaults:' in config files: {chain}")
+    if not p.is_file():
+        where = f" (listed in 'defaults:' of {_stack[-1]})" if _stack else ""
+        raise ConfigError(f"config file not found: {p}{where}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {p}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    defaults = data.pop("defaults", None) or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"{p}: 'defaults' must be a list of relative file paths")
+    merged: dict[str, Any] = {}
+    for d in defaults:
+        merged = deep_merge(merged, load_raw(p.parent / d, (*_stack, p)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """New dict: mappings merge recursively, any other value (lists too) is replaced by ``top``."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed with YAML scalar/flow rules) to ``raw`` in place.
+
+    The key path is checked against the schema here; the value is checked by
+    :meth:`Config.from_dict` afterwards, so file values and overrides share one validator.
+    """
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, _, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key component")
+    tp: Any = Config
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if tp is Any:
+            continue  # free-form mapping (e.g. model.kwargs.drop_rate)
+        tp = _strip_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            allowed = [f.name for f in dataclasses.fields(tp)]
+            if tp is LossSpec and part == "preset" and i == len(parts) - 1:
+                continue  # LossSpec.from_dict starts from a named method
+            if part not in allowed:
+                raise ConfigError(
+                    f"unknown config key {here!r}; allowed keys"
+                    f"{' under ' + repr('.'.join(parts[:i])) if i else ''}: {', '.join(allowed)}"
+                )
+            tp = typing.get_type_hints(tp)[part]
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1] if get_args(tp) else Any
+        else:
+            parent = ".".join(parts[:i])
+            raise ConfigError(
+                f"config key {parent!r} is a value, not a section: cannot set {here!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # e.g. an unquoted string with a colon: keep it verbatim
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of {" + ", ".join(str(a) for a in get_args(tp)) + "}"
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not ...)}]"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"invalid value for {key!r}: {value!r}; expected {_type_name(tp)}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is LossSpec:
+        if isinstance(value, LossSpec):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key!r} must be a mapping of LossSpec fields, got {value!r}")
+        try:
+            return LossSpec.from_dict(value)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"invalid loss spec ({key}): {e}") from None
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _bad(key, value, tp)
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise _bad(key, value, tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise _bad(key, value, tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(key, value, tp)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _bad(key, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _bad(key, value, tp)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _bad(key, value, tp)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _bad(key, value, tp)
+        (elem,) = get_args(tp) or (Any,)
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _bad(key, value, tp)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _bad(key, value, tp)
+        return dict(value)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in allowed:
+            where = f" under {prefix.rstrip('.')!r}" if prefix else ""
+            raise ConfigError(
+                f"unknown config key {prefix + str(k)!r}; allowed keys{where}: {', '.join(allowed)}"
+            )
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def _check_ranges(cfg: Config) -> None:
+    def need(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"invalid value for {key!r}: {value!r}; expected {what}")
+
+    d, t, o, s = cfg.data, cfg.train, cfg.optim, cfg.sched
+    need(d.batch_size >= 1, "data.batch_size", "an integer >= 1", d.batch_size)
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", d.eval_batch_size)
+    need(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "a float in [0, 1)", d.val_fraction)
+    need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    need(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every)
+    need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
+         "train.max_steps_per_epoch", "null or an integer >= 1", t.max_steps_per_epoch)
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "null or > 0", t.grad_clip)
+    dev = t.device
+    ok_dev = dev in ("auto", "cpu", "cuda", "mps") or (
+        dev.startswith("cuda:") and dev[5:].isdigit())
+    need(ok_dev, "train.device", "auto, cpu, cuda, cuda:N or mps", dev)
+    need(o.lr > 0, "optim.lr", "a float > 0", o.lr)
+    need(o.weight_decay >= 0, "optim.weight_decay", "a float >= 0", o.weight_decay)
+    need(s.warmup_epochs >= 0, "sched.warmup_epochs", "an integer >= 0", s.warmup_epochs)
+    need(list(s.milestones) == sorted(s.milestones), "sched.milestones", "increasing epochs",
+         s.milestones)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, LossSpec) and hasattr(obj, "to_dict"):
+        return _to_plain(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,95 @@
+"""Datasets and loaders for the engine: train/val/test, DDP sharding, seeded shuffling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from topkd.config import Config, ConfigError
+from topkd.utils.dist import DistInfo
+from topkd.utils.seed import worker_init_fn
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    num_classes: int
+
+
+def build_datasets(cfg: Config) -> Datasets:
+    """Train (augmented per ``data.augment``), optional held-out val (test-time transform), test."""
+    from topkd.data import dataset_info, get_dataset, train_val_split
+
+    d = cfg.data
+    try:
+        train = get_dataset(d.name, d.root, "train", augment=d.augment, **d.kwargs)
+        test = get_dataset(d.name, d.root, "test", augment=False, **d.kwargs)
+    except (ValueError, TypeError) as e:  # unknown dataset name / option: a config problem
+        raise ConfigError(f"data: {e}") from None
+    info = getattr(train, "info", None) or dataset_info(d.name, d.root, **d.kwargs)
+    val = None
+    if d.val_fraction > 0:
+        train, val = train_val_split(train, d.val_fraction, seed=d.val_seed)
+    return Datasets(train, val, test, int(info.num_classes))
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...`` of ``range(n)``: every sample on exactly one rank.
+
+    Unlike ``DistributedSampler`` nothing is padded, so summed correct-counts are exact.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.rank, self.world = n, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def per_rank_batch(global_batch: int, world: int, key: str) -> int:
+    if global_batch % world:
+        raise ConfigError(f"{key}={global_batch} is not divisible by the {world} DDP ranks")
+    return global_batch // world
+
+
+def _loader_kw(cfg: Config, dist: DistInfo) -> dict[str, Any]:
+    w = cfg.data.num_workers
+    return {
+        "num_workers": w,
+        "pin_memory": dist.device.type == "cuda",
+        "persistent_workers": False,  # workers are re-seeded per epoch through the generator
+        "worker_init_fn": worker_init_fn if w > 0 else None,
+    }
+
+
+def train_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> tuple[DataLoader, torch.Generator]:
+    """Shuffled loader whose order depends only on ``(seed, epoch)`` (``sampler.set_epoch``).
+
+    A ``DistributedSampler`` is used even for one process: its permutation
+    (``randperm(n, seed + epoch)``) does not depend on the world size, so an N-rank run sees the
+    same global batches as a single process with the same global batch size, and a resumed run
+    continues the exact data order from the epoch number alone.
+    """
+    sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
+                                 shuffle=True, seed=cfg.seed, drop_last=False)
+    gen = torch.Generator()  # drives worker base seeds; re-seeded per epoch by the trainer
+    loader = DataLoader(ds, batch_size=per_rank_batch(cfg.data.batch_size, dist.world_size,
+                                                      "data.batch_size"),
+                        sampler=sampler, generator=gen, drop_last=False, **_loader_kw(cfg, dist))
+    return loader, gen
+
+
+def eval_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> DataLoader:
+    bs = max(1, cfg.data.eval_batch_size // dist.world_size)
+    # A private generator so evaluation never draws from the global RNG.
+    return DataLoader(ds, batch_size=bs, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
+                      generator=torch.Generator().manual_seed(0), **_loader_kw(cfg, dist))

@@ -1,0 +1,469 @@
+"""The training loop shared by ``topkd train`` (model alone) and ``topkd distill``.
+
+One :class:`Trainer` is one run (one seed) writing one run directory (docs/architecture.md).
+The per-step work is kept on the device: loss terms and accuracy are summed there and read
+back only every ``train.log_every`` steps and at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from tqdm import tqdm
+
+from topkd.config import Config, ConfigError
+from topkd.engine.data import build_datasets, eval_loader, train_loader
+from topkd.engine.evaluate import evaluate
+from topkd.engine.optim import LRSchedule, build_optimizer, set_lr
+from topkd.utils.dist import DistInfo, all_reduce_sum, init_distributed
+from topkd.utils.env import collect_env
+from topkd.utils.io import atomic_torch_save, atomic_write_text
+from topkd.utils.seed import get_rng_state, seed_everything, set_rng_state
+
+CKPT_FORMAT = "topkd.trainstate/v1"
+MODES = ("train", "distill")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; raised before anything of that epoch is saved."""
+
+
+def loss_needs_teacher(spec: Any) -> bool:
+    """Whether a LossSpec has any term that reads teacher logits."""
+    return bool(spec.has_distillation)
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    m = getattr(m, "_orig_mod", m)
+    return getattr(m, "module", m) if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and runs epochs; ``fit()`` returns the summary.
+
+    Args:
+        mode: ``"train"`` (criterion must not need a teacher) or ``"distill"``.
+        run_dir: where to write (default ``cfg.output_dir / cfg.name``).
+        resume: ``None``, ``"auto"`` (``run_dir/checkpoints/last.pt`` if present) or a path;
+            default ``cfg.train.resume``.
+    """
+
+    def __init__(self, cfg: Config, mode: str = "distill", run_dir: str | Path | None = None,
+                 *, resume: str | None = None, dist: DistInfo | None = None,
+                 argv: list[str] | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.cfg, self.mode, self.argv = cfg, mode, argv
+        self.dist = dist or init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
+        self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        t = cfg.train
+        self.uses_teacher = loss_needs_teacher(cfg.loss)
+        if mode == "train" and self.uses_teacher:
+            raise ConfigError(
+                f"'topkd train' trains the model alone, but the loss (base={cfg.loss.base!r}) "
+                "needs teacher logits: use 'topkd distill' or set loss.base=none")
+        self.uses_cache = self.uses_teacher and t.teacher_cache is not None
+        seed_everything(cfg.seed, cfg.deterministic)
+
+        # Data.
+        self.data = build_datasets(cfg)
+        train_ds = self.data.train
+        if self.uses_cache:
+            from topkd.cache import wrap_dataset
+
+            train_ds = wrap_dataset(train_ds, t.teacher_cache, seed=cfg.seed,
+                                    teacher_name=cfg.teacher.name,
+                                    checkpoint=cfg.teacher.checkpoint, dataset_name=cfg.data.name)
+        self.train_ds = train_ds
+        self.train_loader, self._loader_gen = train_loader(train_ds, cfg, self.dist)
+        self.val_loader = eval_loader(self.data.val, cfg, self.dist) if self.data.val else None
+        self.test_loader = eval_loader(self.data.test, cfg, self.dist)
+        n_batches = len(self.train_loader)
+        self.steps_per_epoch = min(n_batches, t.max_steps_per_epoch or n_batches)
+
+        # Models, criterion, optimisation.
+        self.model = self._build_model()
+        self.teacher = self._build_teacher() if self.uses_teacher and not self.uses_cache else None
+        from topkd.losses import DistillationLoss
+
+        self.criterion = DistillationLoss(cfg.loss).to(self.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.schedule = LRSchedule(cfg.sched, cfg.optim.lr, t.epochs, self.steps_per_epoch)
+        cuda = self.device.type == "cuda"
+        if t.amp != "none" and not cuda:
+            warnings.warn(f"train.amp={t.amp} ignored on {self.device} (AMP is CUDA-only here)",
+                          stacklevel=2)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if cuda \
+            else None
+        fp16 = self.amp_dtype is torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+
+        # State (overwritten by resume).
+        self.start_epoch, self.global_step = 1, 0
+        self.best: dict[str, Any] = {
+            "best_val_acc1": None, "best_val_epoch": None, "test_acc1_at_best_val": None,
+            "best_test_acc1": None, "best_test_epoch": None,
+            "last_test_acc1": None, "last_test_acc5": None, "last_test_loss": None,
+        }
+        self.rows: list[dict[str, Any]] = []
+        self._rng_state: dict[str, Any] | None = None
+        self.resumed_from = self._resume_path(resume if resume is not None else t.resume)
+        if self.resumed_from is not None:
+            self._load_checkpoint(self.resumed_from)
+        self.train_model = self._wrap(self.model)
+        self._tb: Any = None
+
+    # ------------------------------------------------------------------ building
+
+    def _build_model(self) -> nn.Module:
+        from topkd.models import create_model
+
+        c = self.cfg
+        try:
+            model = create_model(c.model.name, self.data.num_classes, **c.model.kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+        if c.train.sync_bn and self.dist.distributed:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                warnings.warn("train.sync_bn needs CUDA; ignored on CPU", stacklevel=2)
+        mf = torch.channels_last if c.train.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=mf)
+
+    def _build_teacher(self) -> nn.Module:
+        from topkd.checkpoints import load_teacher
+
+        tc = self.cfg.teacher
+        if not tc.name or not tc.checkpoint:
+            raise ConfigError("distillation needs teacher.name and teacher.checkpoint (path to "
+                              "the teacher's weights) or train.teacher_cache")
+        if not Path(tc.checkpoint).expanduser().is_file():
+            raise ConfigError(f"teacher.checkpoint not found: {tc.checkpoint}")
+        try:
+            teacher = load_teacher(tc.name, self.data.num_classes,
+                                   Path(tc.checkpoint).expanduser(), verbose=self.is_main,
+                                   **tc.kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"teacher: {e}") from None
+        mf = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
+        teacher = teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
+        return torch.compile(teacher) if self.cfg.train.compile else teacher
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(model) if self.cfg.train.compile else model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _resume_path(self, resume: str | None) -> Path | None:
+        if not resume:
+            return None
+        if resume == "auto":
+            p = self.ckpt_dir / "last.pt"
+            return p if p.is_file() else None
+        p = Path(resume).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"resume checkpoint not found: {p}")
+        return p
+
+    def _load_checkpoint(self, path: Path) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+            raise ConfigError(f"{path} is not a topkd training checkpoint (no {CKPT_FORMAT!r}); "
+                              "to start from weights only, use teacher.checkpoint / load_weights")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ck["scaler"])
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.global_step = int(ck["global_step"])
+        self.best.update(ck["best"])
+        self._rng_state = ck["rng"]
+        if ck.get("world_size", 1) != self.dist.world_size:
+            warnings.warn(f"resuming a {ck.get('world_size')}-rank run on "
+                          f"{self.dist.world_size} ranks: data order will differ", stacklevel=2)
+        if self.is_main:
+            self.rows = [r for r in _read_csv(self.run_dir / "metrics.csv")
+                         if int(r["epoch"]) <= int(ck["epoch"])]
+            print(f"resumed from {path} (epoch {ck['epoch']} done, global step "
+                  f"{self.global_step})", flush=True)
+
+    def _save_checkpoint(self, epoch: int, improved: bool, row: dict[str, Any]) -> None:
+        state = {
+            "format": CKPT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            # The LR schedule is a pure function of (epoch, step): nothing else to restore.
+            "scheduler": {"name": self.cfg.sched.name, "epoch": epoch},
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "best": dict(self.best),
+            "rng": get_rng_state(),
+            "world_size": self.dist.world_size,
+            "config": self.cfg.to_dict(),
+        }
+        atomic_torch_save(state, self.ckpt_dir / "last.pt")
+        if improved:
+            from topkd.checkpoints import save_weights
+
+            meta = {"epoch": epoch, "metrics": row, "model": self.cfg.model.name,
+                    "config": self.cfg.to_dict()}
+            save_weights(self.model, self.ckpt_dir / "best.pt", meta=meta)
+
+    # ------------------------------------------------------------------ run
+
+    def fit(self, max_epochs: int | None = None) -> dict[str, Any] | None:
+        """Train until ``train.epochs`` (or ``max_epochs`` more epochs; then returns ``None``)."""
+        cfg = self.cfg
+        if self.is_main:
+            self._prepare_run_dir()
+        if self._rng_state is not None:
+            set_rng_state(self._rng_state)  # after every build step that may draw numbers
+        end = cfg.train.epochs
+        if max_epochs is not None:
+            end = min(end, self.start_epoch - 1 + max_epochs)
+        try:
+            for epoch in range(self.start_epoch, end + 1):
+                stats = self.train_one_epoch(epoch)
+                self._end_epoch(epoch, stats)
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+        if end < cfg.train.epochs:
+            return None
+        return self._finish()
+
+    def _prepare_run_dir(self) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(self.run_dir / "config.yaml")
+        env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
+        env.update(mode=self.mode, resumed_from=str(self.resumed_from or "") or None)
+        atomic_write_text(self.run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.start_epoch)
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, dev = self.cfg, self.device
+        model = self.train_model
+        model.train()
+        self.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        # Worker seeds come from this generator: a function of (seed, epoch, rank) only.
+        self._loader_gen.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + self.dist.rank)
+        if self.uses_cache:
+            self.train_ds.set_epoch(epoch)  # type: ignore[attr-defined]
+        steps, log_every = self.steps_per_epoch, cfg.train.log_every
+        show = self.is_main and sys.stderr.isatty()
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show,
+                   leave=False, dynamic_ncols=True)
+        keys: list[str] = []  # tensor-valued loss terms, fixed at the first step
+        host_keys: list[str] = []  # python-number terms (e.g. the warm-up factor)
+        sums = torch.zeros(1, device=dev)
+        host_sums: dict[str, float] = {}
+        correct = torch.zeros((), dtype=torch.long, device=dev)
+        step_t = torch.full((), self.global_step, dtype=torch.long, device=dev)
+        bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+        bad_vals = sums
+        n_seen, lr0 = 0, self.schedule(epoch - 1, 0)
+        t0 = tlog = time.perf_counter()
+        for step, batch in enumerate(self.train_loader):
+            if step >= steps:
+                break
+            set_lr(self.optimizer, self.schedule(epoch - 1, step))
+            x = batch[0].to(dev, non_blocking=True)
+            y = batch[1].to(dev, non_blocking=True)
+            cached = batch[2] if len(batch) > 2 else None
+            total, terms, logits = self._step(x, y, cached, epoch)
+            if step == 0:
+                keys = [k for k, v in terms.items()
+                        if isinstance(v, torch.Tensor) and v.device == total.device]
+                host_keys = [k for k in terms if k not in keys]
+                sums = torch.zeros(1 + len(keys), device=dev)
+                bad_vals = torch.full_like(sums, math.nan)
+            n = y.size(0)
+            vals = torch.stack([total.detach().float(), *(terms[k].float() for k in keys)])
+            sums.add_(vals, alpha=n)
+            for k in host_keys:
+                host_sums[k] = host_sums.get(k, 0.0) + float(terms[k]) * n
+            correct += (logits.detach().argmax(1) == y).sum()
+            # Remember the first non-finite step on the device; checked at log points.
+            step_t += 1
+            newly = ~torch.isfinite(vals[0]) & (bad_step < 0)
+            bad_step = torch.where(newly, step_t, bad_step)
+            bad_vals = torch.where(newly, vals, bad_vals)
+            n_seen += n
+            self.global_step += 1
+            bar.update(1)
+            if self.global_step % log_every == 0 or step == steps - 1:
+                self._check_finite(bad_step, bad_vals, keys, epoch)
+                if show:
+                    now = time.perf_counter()
+                    avg = (sums / n_seen).tolist()
+                    post = {"loss": f"{avg[0]:.4f}"}
+                    post.update({k: f"{v:.4f}" for k, v in zip(keys, avg[1:])})
+                    post["img/s"] = f"{n * log_every / max(now - tlog, 1e-9):.0f}"
+                    bar.set_postfix(post, refresh=False)
+                    tlog = now
+        bar.close()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # honest epoch time
+        elapsed = time.perf_counter() - t0
+        self._check_finite(bad_step, bad_vals, keys, epoch)
+        tot = torch.cat([sums, correct.float()[None],
+                         torch.tensor([float(n_seen)], device=dev),
+                         torch.tensor([host_sums[k] for k in host_keys], device=dev)])
+        tot = all_reduce_sum(tot).tolist()
+        total_n = max(tot[1 + len(keys) + 1], 1.0)
+        out = {"lr": lr0, "train_loss": tot[0] / total_n}
+        out.update({f"train_{k}": v / total_n for k, v in zip(keys, tot[1:])})
+        out.update({f"train_{k}": v / total_n for k, v in zip(host_keys, tot[len(keys) + 3:])})
+        out["train_acc1"] = 100.0 * tot[1 + len(keys)] / total_n
+        out["epoch_time_s"] = elapsed
+        out["images_per_s"] = total_n / max(elapsed, 1e-9)
+        return out
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, cached: torch.Tensor | None,
+              epoch: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        teacher_logits = None
+        if cached is not None:
+            teacher_logits = cached.to(self.device, non_blocking=True).float()
+        elif self.teacher is not None:
+            with torch.inference_mode(), self.autocast():
+                t = self.teacher(x)
+            # Inference tensors cannot be saved for backward: take a normal fp32 copy.
+            teacher_logits = t.to(torch.float32, copy=True)
+        with self.autocast():
+            logits = self.train_model(x)
+        # Losses in fp32 (softmax/log of small probabilities), outside autocast.
+        total, terms = self.criterion(logits.float(), teacher_logits, y, epoch=epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total, terms, logits
+
+    def _check_finite(self, bad_step: torch.Tensor, bad_vals: torch.Tensor, keys: list[str],
+                      epoch: int) -> None:
+        flag = (bad_step >= 0).long().reshape(1)
+        if self.dist.distributed:  # every rank must stop together, or the others hang
+            flag = all_reduce_sum(flag.clone())
+        if int(flag.item()) == 0:
+            return
+        g = int(bad_step.item())
+        if g < 0:
+            raise NonFiniteLossError(f"non-finite loss on another rank in epoch {epoch}; "
+                                     f"last good checkpoint: {self.ckpt_dir / 'last.pt'}")
+        vals = bad_vals.tolist()
+        terms = ", ".join(f"{k}={v:.6g}" for k, v in zip(["total", *keys], vals))
+        raise NonFiniteLossError(
+            f"non-finite loss at global step {g} (epoch {epoch}): {terms}. Nothing of this "
+            f"epoch was saved; last good checkpoint: {self.ckpt_dir / 'last.pt'}. Try a lower "
+            "optim.lr, train.grad_clip, or amp=bf16 instead of fp16.")
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BN statistics everywhere, so every shard is evaluated with one model."""
+        if self.dist.distributed:
+            for b in self.model.buffers():
+                tdist.broadcast(b, src=0)
+
+    def _end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        self._sync_buffers()
+        ev = {"autocast": self.autocast, "channels_last": self.cfg.train.channels_last}
+        val = evaluate(self.model, self.val_loader, self.device, **ev) if self.val_loader \
+            else None
+        test = evaluate(self.model, self.test_loader, self.device, **ev)
+        row: dict[str, Any] = {"epoch": epoch, **stats}
+        if val is not None:
+            row["val_acc1"] = val["acc1"]
+        row.update(test_acc1=test["acc1"], test_acc5=test["acc5"], test_loss=test["loss"])
+        # Reorder: time/throughput last, as in the documented column order.
+        row = {k: row[k] for k in row if k not in ("epoch_time_s", "images_per_s")} | {
+            "epoch_time_s": stats["epoch_time_s"], "images_per_s": stats["images_per_s"]}
+        b = self.best
+        improved = False
+        if val is not None and (b["best_val_acc1"] is None or val["acc1"] > b["best_val_acc1"]):
+            b.update(best_val_acc1=val["acc1"], best_val_epoch=epoch,
+                     test_acc1_at_best_val=test["acc1"])
+            improved = True
+        if b["best_test_acc1"] is None or test["acc1"] > b["best_test_acc1"]:
+            b.update(best_test_acc1=test["acc1"], best_test_epoch=epoch)
+            improved = improved or val is None
+        b.update(last_test_acc1=test["acc1"], last_test_acc5=test["acc5"],
+                 last_test_loss=test["loss"])
+        if not self.is_main:
+            return
+        self.rows.append(row)
+        _write_csv(self.run_dir / "metrics.csv", self.rows)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    self._tb.add_scalar(k.replace("_", "/", 1), float(v), epoch)
+            self._tb.flush()
+        self._save_checkpoint(epoch, improved, row)
+        vtxt = f" val@1 {val['acc1']:.2f}" if val is not None else ""
+        print(f"[{self.cfg.name} seed {self.cfg.seed}] epoch {epoch}/{self.cfg.train.epochs} "
+              f"lr {stats['lr']:.4g} loss {stats['train_loss']:.4f} train@1 "
+              f"{stats['train_acc1']:.2f}{vtxt} test@1 {test['acc1']:.2f} "
+              f"({stats['images_per_s']:.0f} img/s, {stats['epoch_time_s']:.1f}s)", flush=True)
+
+    def _finish(self) -> dict[str, Any]:
+        summary = {"name": self.cfg.name, "seed": self.cfg.seed, "epochs": self.cfg.train.epochs,
+                   "mode": self.mode,
+                   **{k: self.best[k] for k in (
+                       "best_val_acc1", "best_val_epoch", "test_acc1_at_best_val",
+                       "last_test_acc1", "last_test_acc5", "last_test_loss",
+                       "best_test_acc1", "best_test_epoch")}}
+        if self.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,88 @@
+"""Shared helpers for the engine/CLI/resume/DDP tests (no tests here).
+
+Tiny CIFAR-100 data in the official pickle format, a tiny BN-free conv net registered as
+``test_tinynet`` and a config factory. Kept tiny: the CI machine has 2 shared CPU cores.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from topkd.config import Config, deep_merge
+from topkd.models import ClassifierModel, register_model
+from topkd.models._factory import MODELS
+
+N_CLASSES_USED = 4  # labels drawn from the first 4 of the 100 classes: learnable in a few steps
+
+
+class TinyNet(ClassifierModel):
+    """conv(3->8, stride 4) + ReLU + global pool + linear: no BatchNorm (DDP-equivalence safe)."""
+
+    def __init__(self, num_classes: int = 100, width: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, stride=4, padding=1)
+        self.fc = nn.Linear(width, num_classes)
+        self.feature_dim = width
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+
+if "test_tinynet" not in MODELS:
+    register_model("test_tinynet")(lambda num_classes=100, **kw: TinyNet(num_classes, **kw))
+
+
+def make_cifar100(root: Path, n_train: int = 32, n_test: int = 16, seed: int = 0) -> Path:
+    """Write ``root/cifar-100-python/{train,test,meta}`` with class-dependent images."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % N_CLASSES_USED).astype(np.int64)
+        base = (labels[:, None] * 60 + 20).astype(np.float64)
+        data = np.clip(base + rng.normal(0, 25, size=(n, 3072)), 0, 255).astype(np.uint8)
+        with open(folder / split, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels.tolist()}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
+    return Path(root)
+
+
+def config_dict(tmp: Path, **sections: Any) -> dict[str, Any]:
+    """A tiny-run config as a dict; ``sections`` are deep-merged on top."""
+    base = {
+        "name": "tiny",
+        "output_dir": str(tmp / "runs"),
+        "seed": 0,
+        "deterministic": True,
+        "data": {"name": "cifar100", "root": str(tmp / "data"), "batch_size": 16,
+                 "eval_batch_size": 16, "num_workers": 0, "augment": False},
+        "model": {"name": "test_tinynet"},
+        "loss": {"ce": 1.0, "base": "none"},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "sched": {"name": "multistep", "milestones": [2], "gamma": 0.1},
+        "train": {"epochs": 2, "device": "cpu", "log_every": 1},
+    }
+    return deep_merge(base, sections)
+
+
+def tiny_config(tmp: Path, **sections: Any) -> Config:
+    if not (tmp / "data" / "cifar-100-python").is_dir():
+        make_cifar100(tmp / "data")
+    return Config.from_dict(config_dict(tmp, **sections))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
