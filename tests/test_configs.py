@@ -279,6 +279,18 @@ def test_every_loss_section_is_a_valid_loss_spec():
             losses.LossSpec.from_dict(cfg["loss"])
 
 
+@pytest.mark.parametrize(
+    "method", ["ce", "kd", "dkd", "kd_ls", "dkd_ls", "topkd", "topkd_ls", "kd_tsm_tdl",
+               "dkd_tsm_tdl"])
+def test_method_files_equal_the_loss_presets(method):
+    """methods/<m>.yaml and ``LossSpec.preset(m)`` (topkd.losses) are the same loss."""
+    losses = pytest.importorskip("topkd.losses", reason="topkd.losses not importable yet")
+    if not hasattr(losses.LossSpec, "preset"):
+        pytest.skip("topkd.losses.LossSpec.preset has not landed yet")
+    spec = losses.LossSpec.from_dict(compose(CONFIGS / "methods" / f"{method}.yaml")["loss"])
+    assert spec == losses.LossSpec.preset(method)
+
+
 def test_every_config_loads_through_load_config():
     try:
         from topkd.config import load_config
