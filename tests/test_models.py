@@ -50,13 +50,15 @@ PINNED: dict[str, int] = {
     "resnet34": 21_797_672,
     "resnet50": 25_557_032,
     "mobilenetv1": 4_231_976,
+    # Tiny-ImageNet (200 classes)
+    "mobilenetv2_tinyimagenet": 2_497_480,
     # Fashion-MNIST demo
     "fmnist_cnn_teacher": 427_882,
     "fmnist_cnn_student": 13_726,
 }
 
 # ImageNet models are checked at a reduced resolution (their pooling is global) to stay cheap.
-TEST_SIZE = {"imagenet": 64}
+TEST_SIZE = {"imagenet": 64, "tiny_imagenet": 32}
 
 
 def _input(name: str, batch: int = 2) -> torch.Tensor:
@@ -182,6 +184,15 @@ REFERENCE_KEYS: dict[str, dict[str, tuple[int, ...]]] = {
         "fc.weight": (1000, 1024),
     },
 }
+REFERENCE_KEYS["mobilenetv2_tinyimagenet"] = {
+    "pre.0.weight": (32, 3, 1, 1),
+    "pre.0.bias": (32,),
+    "stage1.residual.0.weight": (32, 32, 1, 1),
+    "stage2.1.residual.3.weight": (144, 1, 3, 3),
+    "stage7.residual.6.weight": (320, 960, 1, 1),
+    "conv1.0.weight": (1280, 320, 1, 1),
+    "conv2.weight": (200, 1280),  # (200, 1280, 1, 1) in the reference; load_weights reshapes
+}
 ABSENT_KEYS = {
     "resnet32x4": ["layer4.0.conv1.weight", "linear.weight"],
     "resnet56": ["layer1.0.downsample.0.weight"],
@@ -200,6 +211,16 @@ def test_reference_state_dict_names(name: str):
         assert tuple(sd[key].shape) == shape, key
     for key in ABSENT_KEYS.get(name, []):
         assert key not in sd
+
+
+def test_conv1x1_classifier_weight_loads_into_linear(tmp_path):
+    model = create_model("mobilenetv2_tinyimagenet", 200)
+    sd = model.state_dict()
+    sd["conv2.weight"] = sd["conv2.weight"][:, :, None, None].clone()  # reference layout
+    torch.save({"model": sd}, tmp_path / "ti_mv2.pth")
+    other = create_model("mobilenetv2_tinyimagenet", 200)
+    load_weights(other, tmp_path / "ti_mv2.pth", verbose=False)
+    torch.testing.assert_close(other.conv2.weight, model.conv2.weight, rtol=0, atol=0)
 
 
 def test_mobilenetv1_module_layout():

@@ -198,6 +198,7 @@ def load_weights(
     :class:`CheckpointMismatchError` listing all three groups (with shapes); BatchNorm
     ``num_batches_tracked`` buffers absent from old files are not counted as missing. With
     ``strict=False`` the matching tensors are loaded and the rest reported in the result.
+    A ``(C, D, 1, 1)`` 1x1-convolution weight is accepted for a ``(C, D)`` Linear weight.
     The file's SHA-256 is logged (and printed if ``verbose``) for provenance.
     """
     if not Path(path).is_file():
@@ -213,6 +214,9 @@ def load_weights(
 
     own = model.state_dict()
     sd, prefix = _strip_prefix(sd, set(own))
+    for k, v in list(sd.items()):  # a 1x1-conv classifier's (C, D, 1, 1) weight fits a Linear
+        if k in own and own[k].dim() == 2 and tuple(v.shape) == (*own[k].shape, 1, 1):
+            sd[k] = v.reshape(own[k].shape)
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     mismatch = [

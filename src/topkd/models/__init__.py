@@ -16,6 +16,7 @@ from topkd.models import (  # noqa: F401  (imported for their registrations)
     imagenet_resnet,
     mobilenetv1,
     mobilenetv2,
+    mobilenetv2_tinyimagenet,
     shufflenet,
     vgg,
     wrn,

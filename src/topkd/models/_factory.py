@@ -17,7 +17,14 @@ MODELS: Registry[ModelFactory] = Registry("model")
 TIMM_PREFIX = "timm:"
 
 # Default number of classes per input family (used by ``model_info`` and the docs table).
-FAMILY_NUM_CLASSES = {"cifar": 100, "imagenet": 1000, "fmnist": 10, "timm": 1000, "custom": 10}
+FAMILY_NUM_CLASSES = {
+    "cifar": 100,
+    "tiny_imagenet": 200,
+    "imagenet": 1000,
+    "fmnist": 10,
+    "timm": 1000,
+    "custom": 10,
+}
 
 # Exact-case keys of mdistiller's ``cifar_model_dict`` whose lower-case spelling would clash with
 # torchvision's ImageNet names: ``ResNet50`` (CIFAR, mdistiller) vs ``resnet50`` (torchvision).
