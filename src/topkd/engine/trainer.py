@@ -300,7 +300,16 @@ class Trainer:
             x = batch[0].to(dev, non_blocking=True)
             y = batch[1].to(dev, non_blocking=True)
             cached = batch[2] if len(batch) > 2 else None
-            total, terms, logits = self._step(x, y, cached, epoch)
+            try:
+                total, terms, logits = self._step(x, y, cached, epoch)
+            except ValueError as e:  # the criterion rejects NaN/inf logits (diverged weights)
+                if "non-finite" not in str(e):
+                    raise
+                self._check_finite(bad_step, bad_vals, keys, epoch)  # names the first bad step
+                raise NonFiniteLossError(
+                    f"non-finite logits at global step {self.global_step + 1} (epoch {epoch}): "
+                    f"{e}. Nothing of this epoch was saved; last good checkpoint: "
+                    f"{self.ckpt_dir / 'last.pt'}") from None
             if step == 0:
                 keys = [k for k, v in terms.items()
                         if isinstance(v, torch.Tensor) and v.device == total.device]

@@ -1,0 +1,269 @@
+"""``topkd`` command line: train, distill, eval (+ transfer, report, demo from their modules).
+
+    topkd train   CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
+    topkd distill CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
+    topkd eval    CHECKPOINT [--config CFG | --model NAME --dataset NAME] [--json]
+    torchrun --nproc_per_node=N -m topkd distill CONFIG ...        # DDP
+
+Configuration and validation errors print one line and exit with status 2
+(set ``TOPKD_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import topkd
+
+# Subcommands implemented in other modules, each exposing add_arguments(parser) and
+# run(args) -> int; imported only when selected so `topkd --help` stays fast and robust.
+LAZY = {
+    "transfer": ("topkd.transfer", "transfer a trained model to another dataset"),
+    "report": ("topkd.report", "tables and curves from run directories"),
+    "demo": ("topkd.demo", "end-to-end demo on a small dataset"),
+}
+
+
+def _knobs() -> str:
+    """Every config key with its type and default, for the --help epilog."""
+    from topkd.config import Config, _type_name
+
+    lines = ["config keys (override with key.sub=value; values use YAML syntax):"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            tp, val = hints[f.name], getattr(inst, f.name)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                key = prefix + f.name
+                lines.append(f"  {key:<26} {_type_name(tp)}  (default {val!r})")
+
+    walk(Config, "")
+    lines.append(f"  {'loss.preset':<26} named method: kd, dkd, kd+ls, topkd, kd+tsm+tdl, ...")
+    return "\n".join(lines)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (may compose others with 'defaults:')")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. optim.lr=0.1 train.amp=bf16")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
+                   help="resume from a last.pt, or 'auto' (RUN_DIR/checkpoints/last.pt if it "
+                        "exists; the default when the flag has no value)")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="run these seeds one after another into RUN_DIR/seed_<s>/ and write "
+                        "RUN_DIR/summary.md + summary.csv (mean ± std)")
+    p.add_argument("--output-dir", default=None, help="overrides output_dir (RUN_DIR's parent)")
+    p.add_argument("--device", default=None, help="overrides train.device (auto|cpu|cuda[:N])")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="weights file (run checkpoints embed their config)")
+    p.add_argument("--config", default=None, help="config giving model and dataset")
+    p.add_argument("--set", nargs="*", default=[], metavar="key.sub=value",
+                   help="overrides for --config")
+    p.add_argument("--model", default=None, help="model name (topkd.models / timm:<name>)")
+    p.add_argument("--model-kwargs", default=None, metavar="YAML",
+                   help="model kwargs as a YAML mapping, e.g. '{width: 16}'")
+    p.add_argument("--dataset", default=None, help="dataset name (topkd.data)")
+    p.add_argument("--data-root", default=None, help="dataset root folder")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="topkd", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"topkd {topkd.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    knobs = _knobs()
+    for name, what in (("train", "train a model alone (e.g. a teacher): loss.base must be none"),
+                       ("distill", "distill a student from a frozen teacher (or teacher cache)")):
+        p = sub.add_parser(name, help=what, description=what, epilog=knobs, formatter_class=fmt)
+        _add_run_args(p)
+        p.set_defaults(func=_run_training, mode=name)
+    p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a dataset split",
+                       description="Evaluate a checkpoint: top-1, top-5 accuracy and CE loss.",
+                       formatter_class=fmt)
+    _add_eval_args(p)
+    p.set_defaults(func=_run_eval)
+    chosen = _command_of(argv)
+    for name, (module, what) in LAZY.items():
+        p = sub.add_parser(name, help=what, description=what, formatter_class=fmt)
+        if name != chosen:
+            continue
+        try:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.run)
+        except Exception as e:  # noqa: BLE001 - any import problem: report it cleanly
+            err = f"'topkd {name}' is unavailable: cannot import {module} ({type(e).__name__}: {e})"
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(func=lambda args, err=err: _fail(err))
+    return parser
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"topkd: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _parse_seeds(text: str | None) -> list[int] | None:
+    from topkd.config import ConfigError
+
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds expects distinct comma-separated integers, got {text!r}")
+    return seeds
+
+
+def _run_training(args: argparse.Namespace) -> int:
+    from topkd.config import load_config
+    from topkd.engine.run import run_training
+    from topkd.utils.dist import cleanup_distributed
+
+    overrides = list(args.overrides)
+    resume = args.resume
+    if resume is not None and "=" in resume and not Path(resume).exists():
+        overrides.append(resume)  # `--resume key=value`: the flag took an override
+        resume = "auto"
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    cfg = load_config(args.config, overrides)
+    seeds = _parse_seeds(args.seeds)
+    try:
+        summaries = run_training(cfg, args.mode, seeds=seeds, resume=resume,
+                                 argv=["topkd", *args.argv])
+    finally:
+        cleanup_distributed()
+    if int(os.environ.get("RANK", "0")) == 0 and summaries and summaries[-1]:
+        s = summaries[-1]
+        best = (f", test acc@1 at best val {s['test_acc1_at_best_val']:.2f}"
+                if s.get("test_acc1_at_best_val") is not None else "")
+        print(f"done: {cfg.run_dir} (last test acc@1 {s['last_test_acc1']:.2f}{best})")
+    return 0
+
+
+def _embedded_config(path: Path) -> dict[str, Any] | None:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - safetensors / foreign files: no embedded config
+        return None
+    if not isinstance(obj, dict):
+        return None
+    cfg = obj.get("config") or (obj.get("meta") or {}).get("config")
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import yaml
+    from torch.utils.data import DataLoader
+
+    from topkd.checkpoints import load_weights
+    from topkd.config import Config, ConfigError, load_config
+    from topkd.data import get_dataset
+    from topkd.engine.evaluate import evaluate
+    from topkd.models import create_model
+    from topkd.utils.dist import resolve_device
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise ConfigError(f"checkpoint not found: {ckpt}")
+    cfg: Config | None = None
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    elif (emb := _embedded_config(ckpt)) is not None:
+        cfg = Config.from_dict(emb)
+    model_name = args.model or (cfg.model.name if cfg else None)
+    dataset = args.dataset or (cfg.data.name if cfg else None)
+    if not model_name or not dataset:
+        raise ConfigError("eval needs --model and --dataset (or --config, or a checkpoint "
+                          "written by topkd, which embeds its config)")
+    if args.model_kwargs is not None:
+        model_kw = yaml.safe_load(args.model_kwargs) or {}
+        if not isinstance(model_kw, dict):
+            raise ConfigError(f"--model-kwargs must be a YAML mapping, got {args.model_kwargs!r}")
+    else:
+        model_kw = dict(cfg.model.kwargs) if cfg and args.model is None else {}
+    root = args.data_root or (cfg.data.root if cfg else None)
+    data_kw = dict(cfg.data.kwargs) if cfg and args.dataset is None else {}
+    try:
+        ds = get_dataset(dataset, root, args.split, augment=False, **data_kw)
+        model = create_model(model_name, int(ds.info.num_classes), **model_kw)
+        device = resolve_device(args.device)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    load_weights(model, ckpt, verbose=not args.json)
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    res = evaluate(model.to(device), loader, device)
+    out = {"checkpoint": str(ckpt), "model": model_name, "dataset": dataset,
+           "split": args.split, "acc1": res["acc1"], "acc5": res["acc5"], "loss": res["loss"],
+           "n": res["n"]}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{model_name} on {dataset}/{args.split} (n={res['n']}): top-1 {res['acc1']:.2f}  "
+              f"top-5 {res['acc5']:.2f}  loss {res['loss']:.4f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Overrides given after options (`cfg.yaml --seeds 0,1 optim.lr=0.1`) end up here.
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = argv
+    from topkd.config import ConfigError
+    from topkd.data import DatasetNotFoundError
+    from topkd.engine.trainer import NonFiniteLossError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetNotFoundError) as e:
+        if os.environ.get("TOPKD_DEBUG"):
+            raise
+        return _fail(str(e))
+    except NonFiniteLossError as e:
+        if os.environ.get("TOPKD_DEBUG"):
+            raise
+        return _fail(f"training stopped: {e}", 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from topkd.config import Config, ConfigError, load_config
+from topkd.losses import LossSpec
+
+
+def _write(p: Path, data) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """base/cifar.yaml <- pairs/p.yaml ; methods/kd.yaml ; exp/run.yaml composes all three."""
+    _write(tmp_path / "base/common.yaml", {"seed": 7, "train": {"epochs": 240, "log_every": 10}})
+    _write(tmp_path / "base/cifar.yaml", {
+        "defaults": ["common.yaml"],
+        "data": {"name": "cifar100", "batch_size": 64, "kwargs": {"a": 1}},
+        "sched": {"milestones": [150, 180, 210]}})
+    _write(tmp_path / "pairs/p.yaml", {"model": {"name": "resnet8x4"},
+                                       "teacher": {"name": "resnet32x4", "checkpoint": "t.pt"}})
+    _write(tmp_path / "methods/kd.yaml", {"loss": {"ce": 0.1, "base": "kd", "base_weight": 0.9}})
+    return _write(tmp_path / "exp/run.yaml", {
+        "defaults": ["../base/cifar.yaml", "../pairs/p.yaml", "../methods/kd.yaml"],
+        "name": "exp", "data": {"kwargs": {"b": 2}}, "train": {"epochs": 5}})
+
+
+def test_defaults_composition_deep_merge(tree):
+    cfg = load_config(tree)
+    assert cfg.name == "exp" and cfg.seed == 7  # from a default of a default
+    assert cfg.train.epochs == 5 and cfg.train.log_every == 10  # file beats its defaults
+    assert cfg.data.kwargs == {"a": 1, "b": 2}  # mappings merge recursively
+    assert cfg.teacher.checkpoint == "t.pt" and cfg.model.name == "resnet8x4"
+    assert isinstance(cfg.loss, LossSpec) and cfg.loss.base == "kd" and cfg.loss.ce == 0.1
+    assert cfg.sched.milestones == [150, 180, 210] and cfg.optim.betas == (0.9, 0.999)
+
+
+def test_overrides_are_typed(tree):
+    cfg = load_config(tree, ["optim.lr=0.1", "train.amp=bf16", "sched.milestones=[30,60]",
+                             "loss.temperature=2", "data.kwargs.resize=32", "teacher.checkpoint=",
+                             "optim.weight_decay=5e-4", "train.grad_clip=null", "seed=3",
+                             "optim.betas=[0.8,0.9]", "name=123"])
+    assert cfg.optim.lr == 0.1 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.amp == "bf16" and cfg.sched.milestones == [30, 60]
+    assert cfg.data.kwargs["resize"] == 32 and cfg.teacher.checkpoint is None
+    assert cfg.optim.weight_decay == 5e-4  # YAML 1.1 reads "5e-4" as a string: coerced
+    assert cfg.seed == 3 and cfg.optim.betas == (0.8, 0.9) and cfg.name == "123"
+    assert cfg.loss.base == "kd" and cfg.loss.temperature == 2.0
+
+
+def test_loss_preset_override(tmp_path):
+    p = _write(tmp_path / "c.yaml", {"name": "x"})
+    cfg = load_config(p, ["loss.preset=dkd", "loss.temperature=2"])
+    assert cfg.loss.base == "dkd" and cfg.loss.dkd_beta == 8.0 and cfg.loss.temperature == 2.0
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.ampp=bf16", r"unknown config key 'train.ampp'; allowed keys under 'train': "
+                        r"epochs, amp, .*sync_bn"),
+    ("foo=1", r"unknown config key 'foo'; allowed keys: name, output_dir, seed"),
+    ("train.amp=fp8",
+     r"invalid value for 'train.amp': 'fp8'; expected one of \{none, bf16, fp16\}"),
+    ("train.epochs=abc", r"invalid value for 'train.epochs': 'abc'; expected int"),
+    ("train.epochs=1.5", r"'train.epochs': 1.5; expected int"),
+    ("train.channels_last=maybe", r"'train.channels_last': 'maybe'; expected bool"),
+    ("optim.name=adam", r"expected one of \{sgd, adamw\}"),
+    ("sched.milestones=5", r"'sched.milestones': 5; expected list\[int\]"),
+    ("sched.milestones=[a]", r"'sched.milestones\[0\]': 'a'; expected int"),
+    ("optim.betas=[0.9]", r"'optim.betas'.*expected tuple\[float, float\]"),
+    ("train.grad_clip=x", r"'train.grad_clip': 'x'; expected float or null"),
+    ("train.epochs.x=1", r"'train.epochs' is a value, not a section"),
+    ("train.epochs", r"must look like key.sub=value"),
+    ("loss.kk=3", r"unknown config key 'loss.kk'; allowed keys under 'loss': ce, base"),
+    ("loss.base=foo", r"invalid loss spec \(loss\): .*base.*one of none, kd, dkd, topkd"),
+    ("data.val_fraction=1.5", r"'data.val_fraction': 1.5; expected a float in \[0, 1\)"),
+    ("train.device=gpu", r"'train.device': 'gpu'; expected auto, cpu, cuda, cuda:N or mps"),
+    ("train.epochs=0", r"'train.epochs': 0; expected an integer >= 1"),
+])
+def test_override_errors_name_key_and_allowed(tree, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(tree, [override])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    _write(tmp_path / "a.yaml", {"defaults": ["b.yaml"]})
+    _write(tmp_path / "b.yaml", {"defaults": ["a.yaml"]})
+    with pytest.raises(ConfigError, match="cyclic 'defaults:'"):
+        load_config(tmp_path / "a.yaml")
+    _write(tmp_path / "c.yaml", {"defaults": ["missing.yaml"]})
+    with pytest.raises(ConfigError, match=r"missing.yaml \(listed in 'defaults:' of .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    _write(tmp_path / "d.yaml", {"data": {"batchsize": 3}})
+    with pytest.raises(ConfigError, match="unknown config key 'data.batchsize'"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_roundtrip_and_save(tree, tmp_path):
+    cfg = load_config(tree, ["train.amp=fp16"])
+    d = cfg.to_dict()
+    assert set(d) == {"name", "output_dir", "seed", "deterministic", "data", "model", "teacher",
+                      "loss", "optim", "sched", "train"}
+    assert Config.from_dict(d) == cfg
+    out = tmp_path / "resolved.yaml"
+    cfg.save(out)
+    assert load_config(out) == cfg
+    text = out.read_text()
+    assert "milestones: [150, 180, 210]" in text and "amp: fp16" in text
+    assert cfg.run_dir == Path("runs") / "exp"

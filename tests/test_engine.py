@@ -1,0 +1,157 @@
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from test_engine_common import read_metrics, tiny_config
+from topkd.checkpoints import load_weights
+from topkd.config import ConfigError, SchedConfig
+from topkd.engine import CKPT_FORMAT, LRSchedule, NonFiniteLossError, Trainer
+from topkd.engine.summary import aggregate_runs, format_markdown
+from topkd.models import create_model
+
+FAMILIES = {  # preset -> loss terms that must appear in metrics.csv
+    "kd": ["kd"],
+    "dkd": ["dkd"],
+    "kd+ls": ["kd"],
+    "topkd": ["topkd", "topkd_con", "topkd_tdl"],
+    "kd+tsm+tdl": ["kd", "tdl", "tsm_corrected"],
+    "dkd+tsm+tdl": ["dkd", "tdl", "tsm_corrected"],
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_config(tmp, name="teacher", model={"name": "test_tinynet", "kwargs": {"width": 16}},
+                      data={"val_fraction": 0.25}, train={"epochs": 3})
+    summary = Trainer(cfg, "train").fit()
+    return tmp, cfg, summary
+
+
+def test_train_run_writes_run_dir(teacher_run):
+    tmp, cfg, summary = teacher_run
+    run = cfg.run_dir
+    for f in ("config.yaml", "env.json", "metrics.csv", "summary.json",
+              "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / f).is_file(), f
+    assert any((run / "tb").iterdir())
+    assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.to_dict()
+    env = json.loads((run / "env.json").read_text())
+    assert env["seed"] == 0 and env["topkd_version"] and env["torch"] == torch.__version__
+    assert env["mode"] == "train" and "hostname" in env and "git_hash" in env
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_ce", "train_acc1", "val_acc1",
+                             "test_acc1", "test_acc5", "test_loss", "epoch_time_s",
+                             "images_per_s"]
+    # 32 train images, val 25 % -> 24 train = 2 steps of 16 (last one 8); lr decays after ep 2
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.05, 0.05, 0.005])
+    assert all(float(r["train_loss"]) == pytest.approx(float(r["train_ce"])) for r in rows)
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == summary
+    vals = [float(r["val_acc1"]) for r in rows]
+    tests = [float(r["test_acc1"]) for r in rows]
+    best = max(range(3), key=lambda i: (vals[i], -i))
+    assert summary["best_val_acc1"] == pytest.approx(vals[best])
+    assert summary["best_val_epoch"] == best + 1
+    assert summary["test_acc1_at_best_val"] == pytest.approx(tests[best])
+    assert summary["last_test_acc1"] == pytest.approx(tests[-1])
+    assert summary["best_test_acc1"] == pytest.approx(max(tests))
+    ck = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    assert ck["format"] == CKPT_FORMAT and ck["epoch"] == 3 and ck["global_step"] == 6
+    # best.pt is in the checkpoints format and holds the best-val epoch's weights
+    m = create_model("test_tinynet", 100, width=16)
+    res = load_weights(m, run / "checkpoints/best.pt", verbose=False)
+    assert res.meta["epoch"] == best + 1
+
+
+def test_summary_aggregation(teacher_run):
+    _, cfg, summary = teacher_run
+    rows = aggregate_runs([cfg.run_dir])
+    assert rows[0]["name"] == "teacher" and rows[0]["n"] == 1
+    assert rows[0]["last_test_acc1_mean"] == pytest.approx(summary["last_test_acc1"])
+    assert rows[0]["last_test_acc1_std"] == 0.0
+    assert "oracle" in format_markdown(rows)
+
+
+@pytest.mark.parametrize("preset", list(FAMILIES))
+def test_distill_each_family(teacher_run, tmp_path, preset):
+    tmp, tcfg, _ = teacher_run
+    cfg = tiny_config(tmp_path, name=f"d_{preset}", loss={"preset": preset},
+                      teacher={"name": "test_tinynet", "kwargs": {"width": 16},
+                               "checkpoint": str(tcfg.run_dir / "checkpoints/best.pt")},
+                      train={"epochs": 1, "log_every": 1})
+    tr = Trainer(cfg, "distill")
+    assert tr.teacher is not None and not tr.teacher.training
+    assert all(not p.requires_grad for p in tr.teacher.parameters())
+    before = {k: v.clone() for k, v in tr.teacher.state_dict().items()}
+    w0 = tr.model.fc.weight.detach().clone()
+    summary = tr.fit()
+    assert summary["mode"] == "distill" and summary["epochs"] == 1
+    assert all(torch.equal(before[k], v) for k, v in tr.teacher.state_dict().items())
+    assert not torch.equal(w0, tr.model.fc.weight)
+    (row,) = read_metrics(cfg.run_dir)
+    for term in ["ce", *FAMILIES[preset]]:
+        v = float(row[f"train_{term}"])
+        assert math.isfinite(v), term
+    for term in FAMILIES[preset]:
+        if term != "tsm_corrected":
+            assert float(row[f"train_{term}"]) > 0, term
+    assert 0 <= float(row["test_acc1"]) <= 100 and float(row["images_per_s"]) > 0
+
+
+def test_distill_from_last_pt_and_errors(teacher_run, tmp_path):
+    tmp, tcfg, _ = teacher_run
+    teacher = {"name": "test_tinynet", "kwargs": {"width": 16},
+               "checkpoint": str(tcfg.run_dir / "checkpoints/last.pt")}
+    cfg = tiny_config(tmp_path, loss={"preset": "kd"}, teacher=teacher,
+                      train={"epochs": 1, "max_steps_per_epoch": 1})
+    assert Trainer(cfg, "distill").fit()["epochs"] == 1  # full training state file works too
+    with pytest.raises(ConfigError, match="'topkd train' trains the model alone"):
+        Trainer(cfg, "train")
+    bad = tiny_config(tmp_path, loss={"preset": "kd"}, teacher={"name": "test_tinynet"})
+    with pytest.raises(ConfigError, match="needs teacher.name and teacher.checkpoint"):
+        Trainer(bad, "distill")
+    bad = tiny_config(tmp_path, loss={"preset": "kd"},
+                      teacher={"name": "test_tinynet", "checkpoint": str(tmp_path / "x.pt")})
+    with pytest.raises(ConfigError, match="teacher.checkpoint not found"):
+        Trainer(bad, "distill")
+    with pytest.raises(ConfigError, match="model: unknown model 'nonet'"):
+        Trainer(tiny_config(tmp_path, model={"name": "nonet"}), "train")
+
+
+def test_non_finite_loss_stops_and_keeps_last_pt(tmp_path):
+    cfg = tiny_config(tmp_path, train={"epochs": 3, "log_every": 50})
+    tr = Trainer(cfg, "train")
+    real = tr.criterion.forward
+    calls = {"n": 0}
+
+    def poisoned(s, t, y, epoch=None):
+        calls["n"] += 1
+        total, terms = real(s, t, y, epoch=epoch)
+        if calls["n"] == 3:  # global step 3 = epoch 2, first step
+            total = total * float("nan")
+        return total, terms
+
+    tr.criterion.forward = poisoned
+    with pytest.raises(NonFiniteLossError,
+                       match=r"global step 3 \(epoch 2\): total=nan, ce=[0-9.]+.*last.pt"):
+        tr.fit()
+    ck = torch.load(cfg.run_dir / "checkpoints/last.pt", weights_only=True)
+    assert ck["epoch"] == 1  # epoch 2 was never saved
+    assert [r["epoch"] for r in read_metrics(cfg.run_dir)] == ["1"]
+    assert not (cfg.run_dir / "summary.json").exists()
+
+
+def test_lr_schedule():
+    ms = LRSchedule(SchedConfig(name="multistep", milestones=[2, 3], gamma=0.1), 1.0, 4, 10)
+    assert [ms(e, 5) for e in range(4)] == pytest.approx([1, 1, 0.1, 0.01])
+    cos = LRSchedule(SchedConfig(name="cosine", warmup_epochs=1, min_lr=0.0), 1.0, 3, 4)
+    assert [cos(0, s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert cos(1, 0) == pytest.approx(1.0) and cos(2, 0) == pytest.approx(0.5)
+    assert cos(2, 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.875)))
+    const = LRSchedule(SchedConfig(name="constant"), 0.3, 5, 2)
+    assert const(4, 1) == 0.3

@@ -1,0 +1,114 @@
+"""Kill-and-resume gives bit-identical results to an uninterrupted run (CPU, deterministic)."""
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from test_engine_common import config_dict, make_cifar100, read_metrics, tiny_config
+from topkd.engine import Trainer
+
+TIMING = ("epoch_time_s", "images_per_s")
+# Augmentation (random crop/flip draws from the global torch RNG), momentum, an LR drop after
+# epoch 2 and a val split: everything whose state a resume has to restore.
+SECTIONS = {"data": {"augment": True, "val_fraction": 0.25},
+            "sched": {"milestones": [2, 3]}, "train": {"epochs": 4}}
+
+
+def _assert_same_state(a: Path, b: Path) -> None:
+    ca = torch.load(a, weights_only=True)
+    cb = torch.load(b, weights_only=True)
+    assert ca["epoch"] == cb["epoch"] and ca["global_step"] == cb["global_step"]
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    for i, st in ca["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, cb["optimizer"]["state"][i][k]), (i, k)
+    assert ca["best"] == cb["best"]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_resume_in_process_is_bit_exact(tmp_path):
+    ref = tiny_config(tmp_path, name="ref", **SECTIONS)
+    ref_summary = Trainer(ref, "train").fit()
+
+    cut = tiny_config(tmp_path, name="cut", **SECTIONS)
+    assert Trainer(cut, "train").fit(max_epochs=2) is None
+    assert not (cut.run_dir / "summary.json").exists()
+    # A crash between writing the metrics row and the checkpoint leaves a stale row behind.
+    with open(cut.run_dir / "metrics.csv", "a") as f:
+        f.write("3,0.05,9,9,9,9,9,9,9,9,9\n")
+    torch.manual_seed(1234)  # the resumed run must not depend on the process' RNG state
+    random.seed(1)
+    np.random.seed(1)  # noqa: NPY002
+    resumed = Trainer(cut, "train", resume="auto")
+    assert resumed.start_epoch == 3 and resumed.global_step == 4
+    summary = resumed.fit()
+    _assert_same_state(ref.run_dir / "checkpoints/last.pt", cut.run_dir / "checkpoints/last.pt")
+    assert {k: v for k, v in summary.items() if k != "name"} == \
+        {k: v for k, v in ref_summary.items() if k != "name"}
+    rows = read_metrics(cut.run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]  # no duplicate, stale row gone
+    assert _strip(rows) == _strip(read_metrics(ref.run_dir))
+
+    # Resuming a finished run trains nothing and re-writes the same summary.
+    again = Trainer(cut, "train", resume="auto")
+    assert again.start_epoch == 5
+    assert again.fit() == summary
+
+
+SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import test_engine_common  # registers test_tinynet
+from topkd.engine.trainer import Trainer
+from topkd import cli
+
+real = Trainer._save_checkpoint
+
+def save(self, epoch, improved, row):
+    if epoch == 3 and os.environ.get("KILL_AT_EPOCH3"):
+        os.kill(os.getpid(), signal.SIGKILL)  # after metrics.csv got row 3, before last.pt
+    real(self, epoch, improved, row)
+
+Trainer._save_checkpoint = save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_killed_subprocess_resumes_bit_exact(tmp_path):
+    make_cifar100(tmp_path / "data")
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(tests=str(Path(__file__).parent))))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_dict(tmp_path, **SECTIONS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str, kill: bool = False) -> subprocess.CompletedProcess:
+        e = {**env, "KILL_AT_EPOCH3": "1"} if kill else env
+        return subprocess.run([sys.executable, str(script), "train", str(cfg_path), *args],
+                              env=e, capture_output=True, text=True, timeout=300)
+
+    Trainer(tiny_config(tmp_path, name="ref", **SECTIONS), "train").fit()  # in-process: faster
+    killed = run("name=cut", kill=True)
+    assert killed.returncode == -9, killed.stderr
+    cut_dir = tmp_path / "runs" / "cut"
+    assert torch.load(cut_dir / "checkpoints/last.pt", weights_only=True)["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(cut_dir)] == ["1", "2", "3"]
+    res = run("name=cut", "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout
+    _assert_same_state(tmp_path / "runs/ref/checkpoints/last.pt", cut_dir / "checkpoints/last.pt")
+    rows = read_metrics(cut_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    assert _strip(rows) == _strip(read_metrics(tmp_path / "runs/ref"))
