@@ -1,0 +1,109 @@
+"""``topkd demo`` end to end on tiny synthetic Fashion-MNIST IDX files (seconds, no real data)."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from topkd import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_fmnist(tmp_path_factory) -> Path:
+    """Class-dependent blobs, so that a 1-epoch teacher learns something."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 400), ("t10k", 120)):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 40, size=(n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, 2 * c:2 * c + 8, 4:24] += 200
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.clip(x, 0, 255), 2051)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y, 2049)
+    return root
+
+
+def _args(tmp: Path, data_root: Path, **kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    argv = ["--data-root", str(data_root), "--output-dir", str(tmp / "out"), "--epochs", "1",
+            "--teacher-epochs", "1", "--subset", "300", "--teacher-subset", "300",
+            "--views", "2", "--no-progress", "--threads", "1"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return p.parse_args(argv)
+
+
+def test_tiny_demo_writes_table_and_plots(tmp_path, fake_fmnist, capsys):
+    assert demo.run(_args(tmp_path, fake_fmnist)) == 0
+    out = capsys.readouterr().out
+    for label in demo.LABELS.values():
+        assert f"| {label} |" in out
+    d = tmp_path / "out"
+    for png in ("accuracy.png", "curves.png", "tsm.png"):
+        assert (d / png).stat().st_size > 5000
+    res = json.loads((d / "results.json").read_text())
+    assert [r["method"] for r in res["summary"]] == list(demo.METHODS)
+    assert "test top-1 @ best val" in (d / "results.md").read_text()
+    # a second run reuses the cached teacher and teacher-logit cache
+    assert demo.run(_args(tmp_path, fake_fmnist, methods="ce,topkd")) == 0
+    out = capsys.readouterr().out
+    assert "reusing cached teacher" in out and "reusing teacher-logit cache" in out
+
+
+def test_online_teacher_path(tmp_path, fake_fmnist, capsys):
+    args = _args(tmp_path, fake_fmnist, methods="kd")
+    args.no_cache, args.no_plots = True, True
+    assert demo.run(args) == 0
+    assert "| KD |" in capsys.readouterr().out
+
+
+def test_missing_data_says_what_to_install(tmp_path, capsys):
+    assert demo.run(_args(tmp_path, tmp_path / "nothing")) == 2
+    err = capsys.readouterr().err
+    assert "dataset-fashion-mnist" in err and "--data-root" in err
+
+
+def test_bad_method_is_rejected(tmp_path, fake_fmnist, capsys):
+    assert demo.run(_args(tmp_path, fake_fmnist, methods="kd,nope")) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_methods_match_the_config_files():
+    """The embedded specs equal configs/methods + the Fashion-MNIST leaf overrides."""
+    config = pytest.importorskip("topkd.config")
+    from topkd.losses import LossSpec
+
+    leaf = ROOT / "configs" / "fashion_mnist" / "teacher_student"
+    if not leaf.is_dir():
+        pytest.skip("configs/ not present (installed wheel)")
+    for m, spec in demo.METHODS.items():
+        path = leaf / f"{m}.yaml"
+        if not path.is_file():
+            path = ROOT / "configs" / "methods" / f"{m}.yaml"
+        raw = config.load_raw(path)["loss"]
+        assert LossSpec.from_dict(spec) == LossSpec.from_dict(raw), m
+
+
+def test_demo_help_lists_the_knobs():
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    text = p.format_help()
+    for opt in ("--epochs", "--teacher-epochs", "--seeds", "--methods", "--output-dir",
+                "--data-root", "--subset", "--views", "--topk", "--no-cache"):
+        assert opt in text
+    assert demo._int_list("0-2") == [0, 1, 2] and demo._int_list("3,5") == [3, 5]
