@@ -138,6 +138,7 @@ def test_tiny_imagenet_tree(tmp_path):
         img, y = test[i]
         assert y == wnids.index(w)
         assert torch.equal(img, torch.from_numpy(x).permute(2, 0, 1))
+    assert not hasattr(train, "data")  # lazy: not array-backed
     mem = get_dataset("tiny_imagenet", tmp_path, "train", raw=True, in_memory=True)
     assert mem.data.shape == (8, 64, 64, 3)
     assert all(torch.equal(mem[i][0], train[i][0]) for i in range(len(train)))

@@ -114,7 +114,15 @@ class TinyImageNet(ImageDataset):
         self.transform = transform
         self.eval_transform = eval_transform
         self.split = split
-        self.data: np.ndarray | None = self._decode_all() if in_memory else None
+        self._data: np.ndarray | None = self._decode_all() if in_memory else None
+
+    @property
+    def data(self) -> np.ndarray:
+        """``(N, 64, 64, 3)`` uint8 pixels; only with ``in_memory=True`` (else AttributeError, so
+        ``hasattr(ds, "data")`` tells array-backed datasets apart)."""
+        if self._data is None:
+            raise AttributeError("TinyImageNet.data needs in_memory=True (images are lazy)")
+        return self._data
 
     def _read_words(self) -> list[str]:
         words = self.root / "words.txt"
@@ -138,8 +146,8 @@ class TinyImageNet(ImageDataset):
 
     def raw_tensor(self, index: int) -> torch.Tensor:
         """Image ``index`` as a ``uint8`` ``3xHxW`` tensor (greyscale JPEGs converted to RGB)."""
-        if self.data is not None:
-            return torch.from_numpy(self.data[index]).permute(2, 0, 1)
+        if self._data is not None:
+            return torch.from_numpy(self._data[index]).permute(2, 0, 1)
         return pil_to_tensor(default_loader(self.samples[index][0]))
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
