@@ -155,3 +155,33 @@ def test_lr_schedule():
     assert cos(2, 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.875)))
     const = LRSchedule(SchedConfig(name="constant"), 0.3, 5, 2)
     assert const(4, 1) == 0.3
+
+
+def test_teacher_cache_matches_online_distillation(teacher_run, tmp_path):
+    from topkd.cache import build_cache
+    from topkd.checkpoints import load_teacher
+    from topkd.data import get_dataset
+
+    tmp, tcfg, _ = teacher_run
+    ckpt = str(tcfg.run_dir / "checkpoints/best.pt")
+    teacher_sec = {"name": "test_tinynet", "kwargs": {"width": 16}, "checkpoint": ckpt}
+    online = tiny_config(tmp_path, name="online", loss={"preset": "kd"}, teacher=teacher_sec)
+    Trainer(online, "distill").fit()
+
+    teacher = load_teacher("test_tinynet", 100, ckpt, verbose=False, width=16)
+    train = get_dataset("cifar100", online.data.root, "train", augment=False)
+    cache = build_cache(teacher, train, tmp_path / "cache", views=1, augment=None,
+                        dtype="float32", progress=False, teacher_name="test_tinynet",
+                        checkpoint=ckpt, dataset_name="cifar100")
+    cached = tiny_config(tmp_path, name="cached", loss={"preset": "kd"}, teacher=teacher_sec,
+                         train={"teacher_cache": str(cache)})
+    tr = Trainer(cached, "distill")
+    assert tr.teacher is None  # the teacher is never built
+    tr.fit()
+    a = torch.load(online.run_dir / "checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(cached.run_dir / "checkpoints/last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    ra, rb = read_metrics(online.run_dir), read_metrics(cached.run_dir)
+    assert [float(r["train_kd"]) for r in ra] == \
+        pytest.approx([float(r["train_kd"]) for r in rb], abs=1e-5)
