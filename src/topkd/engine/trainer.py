@@ -45,11 +45,6 @@ def loss_needs_teacher(spec: Any) -> bool:
     return bool(spec.has_distillation)
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    m = getattr(m, "_orig_mod", m)
-    return getattr(m, "module", m) if isinstance(m, nn.parallel.DistributedDataParallel) else m
-
-
 class Trainer:
     """Builds everything from a :class:`Config` and runs epochs; ``fit()`` returns the summary.
 
@@ -261,8 +256,16 @@ class Trainer:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run_dir / "config.yaml")
         env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
-        env.update(mode=self.mode, resumed_from=str(self.resumed_from or "") or None)
-        atomic_write_text(self.run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+        env["mode"] = self.mode
+        env_path = self.run_dir / "env.json"
+        if self.resumed_from is not None and env_path.is_file():
+            # Keep the original environment; record each resume (host, versions may differ).
+            first = json.loads(env_path.read_text())
+            env["resumed_from"] = str(self.resumed_from)
+            env["start_epoch"] = self.start_epoch
+            first.setdefault("resumes", []).append(env)
+            env = first
+        atomic_write_text(env_path, json.dumps(env, indent=2) + "\n")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -438,7 +441,9 @@ class Trainer:
         if self._tb is not None:
             for k, v in row.items():
                 if k != "epoch":
-                    self._tb.add_scalar(k.replace("_", "/", 1), float(v), epoch)
+                    split = k.startswith(("train_", "val_", "test_"))
+                    tag = k.replace("_", "/", 1) if split else f"misc/{k}"
+                    self._tb.add_scalar(tag, float(v), epoch)
             self._tb.flush()
         self._save_checkpoint(epoch, improved, row)
         vtxt = f" val@1 {val['acc1']:.2f}" if val is not None else ""
