@@ -314,3 +314,30 @@ def test_every_config_loads_through_load_config():
             assert cfg.name == ref["name"]
         for key, value in (ref.get("loss") or {}).items():
             assert getattr(cfg.loss, key) == value, (rel(p), "loss", key)
+
+
+def test_every_loss_computes_a_finite_value_for_its_dataset():
+    """Each leaf's loss runs on logits of its dataset's class count (e.g. 2k <= C for TDL)."""
+    losses = pytest.importorskip("topkd.losses", reason="topkd.losses not importable yet")
+    data = pytest.importorskip("topkd.data", reason="topkd.data not importable yet")
+    if not hasattr(losses, "DistillationLoss"):
+        pytest.skip("topkd.losses.DistillationLoss has not landed yet")
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    done: set[tuple[str, int]] = set()
+    for p in LEAVES:
+        cfg = compose(p)
+        spec = losses.LossSpec.from_dict(cfg["loss"])
+        c = data.dataset_info(cfg["data"]["name"]).num_classes
+        if (repr(spec), c) in done:
+            continue
+        done.add((repr(spec), c))
+        s = torch.randn(6, c, generator=gen, requires_grad=True)
+        t = torch.randn(6, c, generator=gen) if "teacher" in cfg else None
+        assert (t is not None) == spec.has_distillation, rel(p)
+        y = torch.randint(0, c, (6,), generator=gen)
+        total, _ = losses.DistillationLoss(spec)(s, t, y, epoch=1)
+        assert torch.isfinite(total), rel(p)
+        total.backward()
+        assert s.grad is not None and torch.isfinite(s.grad).all()

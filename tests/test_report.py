@@ -200,3 +200,10 @@ def test_missing_run_is_a_clean_error(tmp_path, capsys):
 )
 def test_method_label(loss, label):
     assert report.method_label(loss) == label
+
+
+def test_topkd_cli_dispatches_to_report(runs, capsys):
+    cli = pytest.importorskip("topkd.cli", reason="topkd.cli not there yet")
+    assert cli.main(["report", str(runs["kd"]), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0]["name"] == runs["kd"].name and rows[0]["n"] == "3"

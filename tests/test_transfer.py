@@ -151,3 +151,13 @@ def test_cli_errors_are_clean(tmp_path, student_ckpt, capsys):
     wrong = _args("--model", "resnet20", "--checkpoint", str(student_ckpt), "--dataset", "stl10")
     assert transfer.run(wrong) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_topkd_cli_dispatches_to_transfer(stl_root, capsys):
+    cli = pytest.importorskip("topkd.cli", reason="topkd.cli not there yet")
+    argv = ["transfer", "--model", "resnet8", "--random-init", "--dataset", "stl10",
+            "--data-root", str(stl_root), "--epochs", "2", "--num-workers", "0",
+            "--device", "cpu"]
+    assert cli.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["checkpoint"] is None and res["test_samples"] == 40
