@@ -392,12 +392,29 @@ def test_saturated_logits_are_finite():
         out = f()
         (g,) = torch.autograd.grad(out, s)
         assert torch.isfinite(out) and torch.isfinite(g).all()
-    # one-hot teacher logits with ties: P and N stay disjoint, values match the naive version
+    # one-hot teacher logits (massive ties): P and N must stay disjoint, else the R part
+    # (total minus P minus N) would be wrong and TDL(b, b) would not vanish
     b = F.one_hot(torch.tensor([2, 5]), 8).double() * 5
-    sd = torch.randn(2, 8, dtype=torch.float64)
-    naive_rows = ref.tdl(sd, b, 3)
-    assert torch.isfinite(L.tdl_loss(sd, b, 3, reduction="none")).all()
-    assert all(0 <= v <= 4.5 for v in naive_rows)
+    for k in (1, 3, 4):
+        assert L.tdl_loss(b, b, k).abs().item() < 1e-12
+    sd = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rows = L.tdl_loss(sd, b, 3, reduction="none")
+    assert torch.isfinite(rows).all() and ((rows >= 0) & (rows <= 2 + 2 * 0.5 + 2)).all()
+
+
+def test_zero_weights_skip_terms_but_keep_graph():
+    s, t, y = make(4, 10, seed=18)
+    s.requires_grad_(True)
+    out = L.topkd_loss(s, t, y, k=2, w_con=0.0, w_tdl=0.0)
+    assert out.item() == 0 and out.requires_grad
+    close(L.topkd_loss(s, t, y, k=2, w_con=0.0), L.tdl_loss(s, L.tsm(t, y, 2), 2))
+    close(L.topkd_loss(s, t, y, k=2, w_tdl=0.0), L.contrastive_loss(s, L.tsm(t, y, 2)))
+
+
+def test_float32_close_to_float64_reference():
+    s, t, y = make(16, 200, seed=19, dtype=torch.float32)
+    close(L.topkd_loss(s, t, y, k=5), ref.topkd(s, t, y, 5), 2e-5)
+    close(L.dkd_loss(s, t, y), ref.mdistiller_dkd(s.double(), t.double(), y, 1.0, 8.0, 4.0), 2e-5)
 
 
 def test_batch_of_one():

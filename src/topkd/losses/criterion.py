@@ -211,6 +211,7 @@ class DistillationLoss(nn.Module):
         d = LossSpec().to_dict()
         return ", ".join(f"{k}={v!r}" for k, v in self.spec.to_dict().items() if d[k] != v)
 
+    @F.autocast_off
     def forward(
         self,
         student_logits: Tensor,

@@ -20,14 +20,13 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._validate import (
-    acc_dtype,
     as_compute,
     check_k,
     check_nonneg,
@@ -57,16 +56,30 @@ COS_EPS = 1e-8
 NORM_EPS = 1e-12
 
 
+def autocast_off(fn):
+    """Run ``fn`` with autocast disabled on its first argument's device.
+
+    Inputs are upcast to float32 explicitly; this only stops an enclosing autocast region
+    from downcasting the matmuls again.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        x = args[0] if args else None
+        dev = x.device.type if isinstance(x, Tensor) else "cpu"
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # --------------------------------------------------------------------------------------------
 # building blocks (rows are (N, C), already validated and in the compute dtype)
 # --------------------------------------------------------------------------------------------
 def _center(x: Tensor) -> Tensor:
     return x - x.mean(-1, keepdim=True)
-
-
-def _dsum(x: Tensor) -> Tensor:
-    """Row sum accumulated in float64 (a cast inside the reduction, no extra pass)."""
-    return x.sum(-1, dtype=acc_dtype(x))
 
 
 def _safe_norm(sq: Tensor, eps: float) -> Tensor:
@@ -124,35 +137,109 @@ def _tsm_rows(
     correct_gt: bool,
     schedule: str,
     keep: Tensor | None,
+    center: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """TSM on rows; returns ``(u', corrected)``. See :func:`tsm` for the math."""
+    """TSM on rows; returns ``(u', corrected)``. See :func:`tsm` for the math.
+
+    ``center=True`` returns ``u' - mean(u')`` (what TDL/contrastive use), the mean being
+    updated from the few changed entries instead of another pass over the row.
+    """
     C = t.shape[-1]
     u = _center(t)  # fresh tensor: modified in place below
     vals, idx = u.topk(k, dim=-1)  # sorted, ties by torch.topk
     if keep is not None:  # ignored rows: pretend y is the teacher's top-1 (no GT handling)
         y = torch.where(keep, y, idx[:, 0])
-    r = torch.arange(k, device=u.device, dtype=u.dtype)
+    y = y[:, None]
     if schedule == "linear" and k > 1:
-        w = 1.0 + gamma * (k - 1 - r) / (k - 1)
+        w = [1.0 + gamma * (k - r) / (k - 1) for r in range(1, k + 1)]
     else:
-        w = torch.full_like(r, 1.0 + gamma)
-    if k < C:  # sum(u) == 0, so mean(u[not I]) = -sum(u[I]) / (C - k): no pass over u needed
-        delta = lam * vals.sum(-1) * (1.0 / k + 1.0 / (C - k))
-    else:
-        delta = torch.zeros_like(vals[:, 0])  # nothing outside the top-k: no bias
-    u_y = u.gather(-1, y[:, None]).squeeze(-1)
-    new_top = w * vals + delta[:, None]
+        w = [1.0 + gamma] * k
+    sum_top = vals.sum(-1)
+    # sum(u) == 0, so mean(u[not I]) = -sum(u[I]) / (C - k): no pass over u needed.
+    # k == C: nothing outside the top-k, no bias.
+    delta = sum_top * (lam * (1.0 / k + 1.0 / (C - k))) if k < C else torch.zeros_like(sum_top)
+    new_top = vals * torch.tensor(w, dtype=u.dtype, device=u.device) + delta[:, None]
+    u_y = u.gather(-1, y).squeeze(-1)
     u.scatter_(-1, idx, new_top)
-    in_top = (idx == y[:, None]).any(-1)
-    new_y = torch.where(in_top, u.gather(-1, y[:, None]).squeeze(-1), w[-1] * u_y + delta)
+    cur_y = u.gather(-1, y).squeeze(-1)
+    new_y = torch.where((idx == y).any(-1), cur_y, u_y * w[-1] + delta)  # y outside I: rank k
     if correct_gt:
         # with gamma, lam >= 0 the rank-1 entry is max_{j != y} u'_j (proof in docs/losses.md)
-        corrected = idx[:, 0] != y
+        corrected = idx[:, 0] != y[:, 0]
         new_y = torch.where(corrected, new_top[:, 0] + delta + GT_MARGIN, new_y)
     else:
-        corrected = torch.zeros_like(in_top)
-    u.scatter_(-1, y[:, None], new_y[:, None])
+        corrected = torch.zeros_like(delta, dtype=torch.bool)
+    u.scatter_(-1, y, new_y[:, None])
+    if center:  # sum(u) == 0 before the edits: mean(u') = (sum of the changes) / C
+        u.sub_(((new_top.sum(-1) - sum_top + new_y - cur_y) / C)[:, None])
     return u, corrected
+
+
+class _CenterFn(torch.autograd.Function):
+    """``x - mean(x)`` over the last dim with a 2-pass backward (``g - mean(g)``, the same
+    projection) instead of autograd's sub/neg/expand/accumulate chain."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x - x.mean(-1, keepdim=True)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return g - g.mean(-1, keepdim=True)
+
+
+def _center_student(x: Tensor) -> Tensor:
+    return _CenterFn.apply(x) if x.requires_grad else _center(x)
+
+
+class _TDLFn(torch.autograd.Function):
+    """TDL rows and ``|a|^2`` from centered student ``a`` with a hand-written backward.
+
+    Autograd would build ~30 nodes and several full-size temporaries here; the backward below
+    is one dense ``2 g_aa a + g_dot c_R`` plus a ``(B, 2k)`` scatter-add for P and N.
+    Non-student inputs carry no gradient. Verified by ``gradcheck`` in the tests.
+    """
+
+    @staticmethod
+    def forward(ctx, a, idx, cPN, cR, cc_parts, weights):
+        B, _, k = cPN.shape
+        aPN = a.gather(-1, idx).view(B, 2, k)
+        aa_parts = aPN.square().sum(-1)  # (B, 2)
+        dots = (aPN * cPN).sum(-1)
+        aa = a.square().sum(-1)
+        if cR is not None:
+            aa_r = (aa - aa_parts.sum(-1)).clamp_min(0.0)
+            aa_parts = torch.cat([aa_parts, aa_r[:, None]], -1)
+            dots = torch.cat([dots, (a * cR).sum(-1, keepdim=True)], -1)
+        na = _safe_norm(aa_parts, COS_EPS)
+        nc = _safe_norm(cc_parts, COS_EPS)
+        cos = dots / (na * nc)
+        ctx.save_for_backward(a, idx, aPN, cPN, cR, aa_parts, na, nc, cos, weights)
+        return (1.0 - cos) @ weights, aa
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, g_aa):
+        a, idx, aPN, cPN, cR, aa_parts, na, nc, cos, weights = ctx.saved_tensors
+        B, _, k = cPN.shape
+        g_cos = -g_loss[:, None] * weights  # (B, J), J = 2 or 3
+        g_dot = g_cos / (na * nc)
+        # d cos / d |x|^2 = -cos / (2 |x|^2), zero where the norm is clamped at eps
+        g_sq = torch.where(aa_parts > COS_EPS * COS_EPS, -g_cos * cos / (2 * na * na), 0.0)
+        g_full = g_aa  # gradient reaching |a|^2 (from the contrastive term)
+        g_pn_sq = g_sq[:, :2]
+        if cR is not None:
+            # |a_R|^2 = clamp(|a|^2 - |a_P|^2 - |a_N|^2, 0)
+            g_r = torch.where(aa_parts[:, 2] > 0, g_sq[:, 2], 0.0)
+            g_full = g_full + g_r
+            g_pn_sq = g_pn_sq - g_r[:, None]
+            grad = torch.addcmul(cR * g_dot[:, 2:3], a, 2 * g_full[:, None])
+        else:
+            grad = a * (2 * g_full[:, None])
+        g_pn = (2 * g_pn_sq)[:, :, None] * aPN + g_dot[:, :2, None] * cPN  # (B, 2, k)
+        grad.scatter_add_(-1, idx, g_pn.view(B, 2 * k))
+        return grad, None, None, None, None, None
 
 
 def _tdl_rows(
@@ -160,28 +247,34 @@ def _tdl_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TDL per row on centered ``a`` (student) and ``c`` (target, no grad).
 
-    The R-cosine is "total minus P minus N" of three row sums instead of masked copies; the sums
-    accumulate in float64 and the P/N products are bit-identical to the corresponding entries
-    of the full products, so the subtraction is exact up to float64 rounding.
-    Returns the loss and the squared norms ``|a|^2``, ``|c|^2`` (reused by the contrastive term).
+    P and N come from two ``topk`` calls (no sort) and are gathered with one index tensor; the
+    three cosines are one ``(B, 3)`` tensor. No masked copy of the student is made: the
+    R-cosine uses ``a . c_R`` with ``c_R`` the target zeroed on ``P u N`` (exact), ``|c_R|^2``
+    (exact) and ``|a_R|^2 = |a|^2 - |a_P|^2 - |a_N|^2`` (the only subtraction; clamped at 0,
+    it loses float32 precision only when the student puts less than ~1e-4 of its energy
+    outside ``P u N``). Returns the loss rows and ``|a|^2``, ``|c|^2`` (for the contrastive
+    term).
     """
-    C = c.shape[-1]
+    B, C = c.shape
+    has_r = 2 * k < C  # R is empty when 2k == C: its term is dropped
     with torch.no_grad():
         cP, P = c.topk(k, dim=-1)
         # bottom k among the entries not in P: keeps P and N disjoint even with ties
-        cN, N = c.scatter(-1, P, float("inf")).topk(k, dim=-1, largest=False)
-        cc = _dsum(c * c)
-        ccP, ccN = _dsum(cP * cP), _dsum(cN * cN)
-    aP, aN = a.gather(-1, P), a.gather(-1, N)
-    aa, ac = _dsum(a * a), _dsum(a * c)
-    aaP, aaN = _dsum(aP * aP), _dsum(aN * aN)
-    acP, acN = _dsum(aP * cP), _dsum(aN * cN)
-    loss = alpha * (1 - _cos(acP, aaP, ccP)) + beta * (1 - _cos(acN, aaN, ccN))
-    if 2 * k < C:  # R is empty when 2k == C: its term is dropped
-        aaR = (aa - aaP - aaN).clamp_min(0.0)
-        ccR = (cc - ccP - ccN).clamp_min(0.0)
-        loss = loss + (1 - _cos(ac - acP - acN, aaR, ccR))
-    return loss.to(a.dtype), aa, cc
+        cR = c.scatter(-1, P, float("inf"))
+        cN, N = cR.topk(k, dim=-1, largest=False)
+        idx = torch.cat([P, N], -1)
+        cPN = torch.cat([cP, cN], -1).view(B, 2, k)
+        cc_parts = cPN.square().sum(-1)  # (B, 2)
+        if has_r:
+            cR.scatter_(-1, idx, 0.0)
+            cc_parts = torch.cat([cc_parts, cR.square().sum(-1, keepdim=True)], -1)
+        else:
+            cR = None
+        cc = cc_parts.sum(-1)  # |c|^2 as a sum of non-negative parts
+        w = [alpha, beta, 1.0] if has_r else [alpha, beta]
+        weights = torch.tensor(w, dtype=a.dtype, device=a.device)
+    loss, aa = _TDLFn.apply(a, idx, cPN, cR, cc_parts, weights)
+    return loss, aa, cc
 
 
 def _con_rows(a: Tensor, c: Tensor, aa: Tensor, cc: Tensor, tau: float, keep: Tensor | None):
@@ -191,13 +284,8 @@ def _con_rows(a: Tensor, c: Tensor, aa: Tensor, cc: Tensor, tau: float, keep: Te
     Ignored rows are masked out of the similarity matrix (they are neither anchors nor
     negatives); the diagonal is always kept so every logsumexp is finite.
     """
-    na = _safe_norm(aa, NORM_EPS).to(a.dtype)
-    nc = _safe_norm(cc, NORM_EPS).to(a.dtype)
-    dev = a.device.type
-    # the matmul must not be downcast by an enclosing autocast region
-    ctx = torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext()
-    with ctx:
-        S = (a @ c.T) / (na[:, None] * nc[None, :] * tau)
+    na, nc = _safe_norm(aa, NORM_EPS), _safe_norm(cc, NORM_EPS)
+    S = (a @ c.T) / (na[:, None] * nc[None, :] * tau)
     if keep is not None:
         pair = (keep[:, None] & keep[None, :]) | torch.eye(
             len(keep), dtype=torch.bool, device=a.device
@@ -222,24 +310,30 @@ def _topkd_parts(
         check_nonneg(fn, "gamma", gamma)
         check_nonneg(fn, "lam", lam)
         check_schedule(fn, schedule)
-        t2, corrected = _tsm_rows(t2, rows.y, k, gamma, lam, correct_gt, schedule, rows.keep)
-    a, c = _center(s2), _center(t2)  # shared by both terms
-    zero = a.new_zeros(()) + 0.0 * a[..., :1].sum()  # a skipped term: 0, still in the graph
-    tdl = con = zero
+        c, corrected = _tsm_rows(
+            t2, rows.y, k, gamma, lam, correct_gt, schedule, rows.keep, center=True
+        )
+    else:
+        c = _center(t2)
+    a = _center_student(s2)  # shared by both terms
+    tdl = con = None
     if need_tdl:
         tdl_r, aa, cc = _tdl_rows(a, c, k, alpha, beta)
         tdl = reduce_rows(tdl_r, rows.keep, rows.lead, "mean")
     elif need_con:
-        acc = acc_dtype(a)
-        aa, cc = (a * a).sum(-1, dtype=acc), (c * c).sum(-1, dtype=acc)
+        aa, cc = (a * a).sum(-1), (c * c).sum(-1)
     if need_con:
         con = reduce_rows(_con_rows(a, c, aa, cc, tau, rows.keep), rows.keep, rows.lead, "mean")
+    if con is None or tdl is None:  # a skipped term is 0, still attached to the graph
+        zero = a.sum() * 0.0
+        con, tdl = (zero if con is None else con), (zero if tdl is None else tdl)
     return con, tdl, corrected, rows
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+@autocast_off
 def kd_loss(
     s: Tensor,
     t: Tensor,
@@ -272,6 +366,7 @@ def kd_loss(
     return reduce_rows(loss, None, rows.lead, reduction)
 
 
+@autocast_off
 def dkd_loss(
     s: Tensor,
     t: Tensor,
@@ -313,6 +408,7 @@ def dkd_loss(
     return reduce_rows(alpha * tckd + beta * nckd, rows.keep, rows.lead, reduction)
 
 
+@autocast_off
 def standardize(z: Tensor, eps: float = 1e-7) -> Tensor:
     r"""Logit standardization (LS, Sun et al., 2024): ``(z - mean(z)) / (std(z) + eps)`` per row.
 
@@ -334,6 +430,7 @@ def standardize(z: Tensor, eps: float = 1e-7) -> Tensor:
     return (z - z.mean(-1, keepdim=True)) / (std + eps)
 
 
+@autocast_off
 def tsm(
     t: Tensor,
     y: Tensor,
@@ -381,6 +478,7 @@ def tsm(
     return (u, corrected.reshape(rows.lead)) if return_stats else u
 
 
+@autocast_off
 def tdl_loss(
     s: Tensor,
     b: Tensor,
@@ -417,11 +515,12 @@ def tdl_loss(
         raise ValueError(f"{fn}: ignore_index={ignore_index} needs the labels y")
     rows = prepare(fn, s, b, y, ignore_index=ignore_index, validate=validate)
     check_k(fn, k, rows.s.shape[-1], two_sided=True)
-    a, c = _center(as_compute(rows.s)), _center(as_compute(rows.t))
+    a, c = _center_student(as_compute(rows.s)), _center(as_compute(rows.t))
     loss, _, _ = _tdl_rows(a, c, k, alpha, beta)
     return reduce_rows(loss, rows.keep, rows.lead, reduction)
 
 
+@autocast_off
 def contrastive_loss(
     s: Tensor,
     b: Tensor,
@@ -443,12 +542,12 @@ def contrastive_loss(
     if ignore_index is not None and y is None:
         raise ValueError(f"{fn}: ignore_index={ignore_index} needs the labels y")
     rows = prepare(fn, s, b, y, ignore_index=ignore_index, validate=validate)
-    a, c = _center(as_compute(rows.s)), _center(as_compute(rows.t))
-    acc = acc_dtype(a)
-    aa, cc = (a * a).sum(-1, dtype=acc), (c * c).sum(-1, dtype=acc)
+    a, c = _center_student(as_compute(rows.s)), _center(as_compute(rows.t))
+    aa, cc = (a * a).sum(-1), (c * c).sum(-1)
     return reduce_rows(_con_rows(a, c, aa, cc, tau, rows.keep), rows.keep, rows.lead, "mean")
 
 
+@autocast_off
 def topkd_loss(
     s: Tensor,
     t: Tensor,
