@@ -39,7 +39,6 @@ import yaml
 from topkd.engine.summary import METRICS, aggregate_runs
 
 MAX_DEPTH = 3
-SEED_DIR = re.compile(r"^seed_\d+$")
 
 
 @dataclass
