@@ -207,3 +207,26 @@ def test_topkd_cli_dispatches_to_report(runs, capsys):
     assert cli.main(["report", str(runs["kd"]), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert rows[0]["name"] == runs["kd"].name and rows[0]["n"] == "3"
+
+
+def test_pivot_table_rows_methods_columns_pairs(tmp_path, capsys):
+    root = tmp_path / "runs"
+    kd = {"ce": 0.1, "base": "kd", "base_weight": 0.9}
+    top = {"ce": 1.0, "base": "topkd", "tsm": True}
+    for pair, base in (("a", 70.0), ("b", 60.0)):
+        for method, loss, bonus in (("kd", kd, 0.0), ("topkd", top, 2.0)):
+            for seed in (0, 1):
+                d = make_run(root / f"{pair}_{method}" / f"seed_{seed}", f"{pair}_{method}", seed,
+                             None, None, base + bonus + seed, base + bonus + seed, loss)
+                cfg = yaml.safe_load((d / "config.yaml").read_text())
+                cfg["model"]["name"] = f"student_{pair}"
+                (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert report.main([str(root), "--pivot", "last_test_acc1"]) == 0
+    out = capsys.readouterr().out
+    pivot = out[out.index("last test acc@1, mean"):].splitlines()
+    assert pivot[2] == ("| method | cifar100: resnet32x4 -> student_a | "
+                        "cifar100: resnet32x4 -> student_b |")
+    assert pivot[4] == "| kd | 70.50 ± 0.71 | 60.50 ± 0.71 |"
+    assert pivot[5] == "| topkd | 72.50 ± 0.71 | 62.50 ± 0.71 |"
+    with pytest.raises(ValueError, match="unknown metric"):
+        report.format_pivot([], "nope")

@@ -16,6 +16,9 @@ the last-epoch test accuracy, and the best test accuracy over epochs, which is l
 oracle because it is picked on the test set (what many KD papers report). Dataset, teacher ->
 student and a method label are read from each run's ``config.yaml``.
 
+``--pivot METRIC`` adds a paper-style table of one metric (a row per method, a column per
+dataset/pair), the layout of the KD papers' CIFAR-100 tables.
+
 Plots (matplotlib, Agg, no display needed) go to ``--plots DIR``: ``test_acc1.png`` and
 ``train_loss.png`` (one curve per group, the mean over seeds with a ± std band) and
 ``<name>.png`` per group (test/val accuracy and train loss of each seed).
@@ -208,6 +211,30 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n\n" + TABLE_NOTE + "\n"
 
 
+def format_pivot(rows: Sequence[dict[str, Any]], metric: str = "test_acc1_at_best_val") -> str:
+    """A paper-style Markdown table of one metric: a row per method, a column per pair.
+
+    Columns are ``dataset: teacher -> student``; a cell with several runs of the same method and
+    pair (different names) lists them separated by `` / ``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    cols = list(dict.fromkeys(f"{r.get('dataset', '?')}: {r.get('pair', '?')}" for r in rows))
+    methods = list(dict.fromkeys(str(r.get("method", "?")) for r in rows))
+    cells: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        col = f"{r.get('dataset', '?')}: {r.get('pair', '?')}"
+        cells.setdefault((str(r.get("method", "?")), col), []).append(
+            _cell(r.get(f"{metric}_mean"), r.get(f"{metric}_std"),
+                  len(r.get(f"{metric}_values", []))))
+    lines = [f"{METRICS[metric]}, mean ± std over seeds:", "",
+             "| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for m in methods:
+        row = [" / ".join(cells.get((m, c), ["-"])) for c in cols]
+        lines.append("| " + " | ".join([m, *row]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 CSV_COLUMNS = ["name", "dataset", "pair", "method", "n", "seeds", "epochs"] + [
     f"{k}_{s}" for k in METRICS for s in ("mean", "std", "values")
 ]
@@ -344,6 +371,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is also written next to it with a .csv suffix")
     parser.add_argument("--format", choices=("md", "csv"), default=None,
                         help="table format (default: from the --output suffix, else md)")
+    parser.add_argument("--pivot", choices=tuple(METRICS), default=None, metavar="METRIC",
+                        help="(md) also print a paper-style table of METRIC: a row per method, "
+                             f"a column per dataset/pair; one of {', '.join(METRICS)}")
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="also write PNG curves (test acc@1, train loss) into DIR")
 
@@ -358,6 +388,8 @@ def run(args: argparse.Namespace) -> int:
     rows = build_rows(runs)
     fmt = args.format or ("csv" if args.output and args.output.suffix == ".csv" else "md")
     text = format_csv(rows) if fmt == "csv" else format_markdown(rows)
+    if fmt == "md" and getattr(args, "pivot", None):
+        text += "\n" + format_pivot(rows, args.pivot)
     if args.output is None:
         sys.stdout.write(text)
     else:
