@@ -161,3 +161,44 @@ def test_topkd_cli_dispatches_to_transfer(stl_root, capsys):
     assert cli.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["checkpoint"] is None and res["test_samples"] == 40
+
+
+def test_cli_tiny_imagenet_is_resized_per_batch(tmp_path, student_ckpt, capsys, monkeypatch):
+    """Tiny-ImageNet's official tree (64x64 JPEGs) -> per-batch 64 -> 32 resize -> probe."""
+    from PIL import Image
+
+    shapes = []
+    real_resize = transfer._resize
+
+    def spy(x, size):
+        out = real_resize(x, size)
+        shapes.append((tuple(x.shape[-2:]), tuple(out.shape[-2:])))
+        return out
+
+    monkeypatch.setattr(transfer, "_resize", spy)
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = [f"n0000000{i}" for i in range(4)]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    ann = []
+    for c, wnid in enumerate(wnids):
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        for i in range(9):
+            img = np.clip(COLOURS[c] + rng.normal(0, 8, (64, 64, 3)), 0, 255).astype(np.uint8)
+            if i < 6:
+                Image.fromarray(img).save(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
+            else:
+                Image.fromarray(img).save(root / "val" / "images" / f"val_{c}_{i}.JPEG")
+                ann.append(f"val_{c}_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    args = _args("--model", "resnet8", "--checkpoint", str(student_ckpt), "--dataset",
+                 "tiny_imagenet", "--data-root", str(tmp_path), "--epochs", "60",
+                 "--batch-size", "8", "--num-workers", "0", "--device", "cpu")
+    assert transfer.run(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["num_classes"], res["input_size"]) == (200, 32)
+    assert (res["train_samples"], res["test_samples"]) == (24, 12)
+    assert res["train_acc1"] == 100.0 and res["test_acc1"] == 100.0
+    assert shapes and set(shapes) == {((64, 64), (32, 32))}
