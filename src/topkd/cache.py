@@ -630,3 +630,58 @@ def wrap_dataset(
             "built on (data_sha256 mismatch); rebuild the cache"
         )
     return CachedLogitDataset(cache, base, indices, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: build a cache for `train.teacher_cache`
+# --------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m topkd.cache --teacher NAME --checkpoint PT --dataset NAME --out DIR``.
+
+    Builds the cache over the WHOLE training split, so that any ``train_val_split`` of it (any
+    ``data.val_fraction``/``val_seed``) is covered by ``wrap_dataset``.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m topkd.cache", description=main.__doc__)
+    p.add_argument("--teacher", required=True, help="topkd.models name (teacher.name)")
+    p.add_argument("--checkpoint", required=True, help="teacher weights (teacher.checkpoint)")
+    p.add_argument("--dataset", required=True, help="topkd.data name (data.name)")
+    p.add_argument("--root", default=None, help="dataset root (data.root)")
+    p.add_argument("--out", required=True, help="cache directory (train.teacher_cache)")
+    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--topk", type=int, default=None)
+    p.add_argument("--padding", type=int, default=None, help="crop padding (default: by size)")
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--no-augment", action="store_true", help="one un-augmented view")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from topkd.checkpoints import load_weights
+    from topkd.data import dataset_info, get_dataset
+    from topkd.models import create_model
+
+    info = dataset_info(a.dataset)
+    ds = get_dataset(a.dataset, a.root, "train", augment=False)
+    teacher = create_model(a.teacher, int(info.num_classes or 0))
+    load_weights(teacher, a.checkpoint)
+    aug: ReplayableCropFlip | None | str = "default"
+    if a.no_augment:
+        aug = None
+    elif a.padding is not None or a.no_flip:
+        pad = a.padding if a.padding is not None else (2 if info.image_size <= 28 else 4)
+        aug = ReplayableCropFlip(padding=pad, flip=not a.no_flip)
+    build_cache(teacher, ds, a.out, views=1 if aug is None else a.views, topk=a.topk,
+                batch_size=a.batch_size, device=a.device, augment=aug, dtype=a.dtype,
+                seed=a.seed, teacher_name=a.teacher, checkpoint=a.checkpoint,
+                dataset_name=a.dataset, mean=info.mean, std=info.std)
+    c = TeacherLogitCache.open(a.out)
+    print(f"wrote {a.out}: {len(c)} images x {c.views} views, {c.disk_bytes() / 2**20:.1f} MiB "
+          f"({c.header['bytes_per_sample']} B/sample), {c.header['build_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
