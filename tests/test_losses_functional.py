@@ -272,6 +272,8 @@ def test_bad_inputs_raise():
         bad = s.clone()
         bad[0, :2] = float("inf")
         L.topkd_loss(bad, t, y, k=2)
+    with pytest.raises(ValueError, match=r"tsm: teacher logits contain 1 non-finite"):
+        L.tsm(t.index_fill(1, torch.tensor([3]), float("nan"))[:1], y[:1], 3)
     with pytest.raises(ValueError, match=r"reduction must be one of.*got 'avg'"):
         L.kd_loss(s, t, reduction="avg")
     with pytest.raises(ValueError, match=r"temperature must be a number > 0, got 0"):

@@ -89,6 +89,7 @@ def prepare(
     ignore_index: int | None = None,
     validate: bool = True,
     need_labels: bool = False,
+    what: str = "student",
 ) -> Rows:
     """Check inputs and flatten ``(..., C)`` logits to rows.
 
@@ -97,7 +98,7 @@ def prepare(
     Rows whose label equals ``ignore_index`` are marked in ``keep`` and get a placeholder label
     0 so that gathers stay in range; losses zero them before reducing.
     """
-    _check_logits(fn, "student", s)
+    _check_logits(fn, what, s)
     C = s.shape[-1]
     lead = s.shape[:-1]
     s2 = s.reshape(-1, C)
@@ -145,14 +146,14 @@ def prepare(
             lo, hi = torch.aminmax(torch.where(keep, y2, 0) if keep is not None else y2)
             ok = ok & (lo >= 0) & (hi < C)
         if not bool(ok):  # the one host sync of a checked call
-            _diagnose(fn, s2, t2, y2, keep, C, ignore_index)
+            _diagnose(fn, s2, t2, y2, keep, C, ignore_index, what)
     if keep is not None:
         y2 = torch.where(keep, y2, 0)
     return Rows(s2, t2, y2, keep, lead)
 
 
-def _diagnose(fn, s2, t2, y2, keep, C, ignore_index) -> None:
-    for what, x in (("student", s2), ("teacher", t2)):
+def _diagnose(fn, s2, t2, y2, keep, C, ignore_index, first_name) -> None:
+    for what, x in ((first_name, s2), ("teacher", t2)):
         if x is None:
             continue
         bad = ~torch.isfinite(x.detach())

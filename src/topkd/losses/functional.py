@@ -466,7 +466,10 @@ def tsm(
         ``u'`` of ``t``'s shape (float32 for half inputs), or ``(u', corrected)``.
     """
     fn = "tsm"
-    rows = prepare(fn, t, None, y, ignore_index=ignore_index, validate=validate, need_labels=True)
+    rows = prepare(
+        fn, t, None, y, ignore_index=ignore_index, validate=validate, need_labels=True,
+        what="teacher",
+    )  # fmt: skip
     check_k(fn, k, rows.s.shape[-1], two_sided=False)
     check_nonneg(fn, "gamma", gamma)
     check_nonneg(fn, "lam", lam)
