@@ -133,21 +133,26 @@ def main(argv: list[str] | None = None) -> int:
                         "seeds, teacher 15 epochs")
     p.add_argument("--phases", default="tune,final,ablate")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--subset", type=int, default=15000, help="student training images (0=all)")
+    p.add_argument("--subset", type=int, default=12000, help="student training images (0=all)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--tune-epochs", type=int, default=4)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--ablation-seeds", default="0,1")
+    p.add_argument("--ablation-seeds", default="0")
     p.add_argument("--k-sweep", default="1,2,3,4")
-    p.add_argument("--teacher-epochs", type=int, default=4)
-    p.add_argument("--teacher-subset", type=int, default=0, help="0 = all 54000")
+    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--teacher-subset", type=int, default=30000, help="0 = all 54000")
     p.add_argument("--views", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)
-    p.add_argument("--report", action="store_true", help="print the markdown report and exit")
+    p.add_argument("--cache-dir", default=None,
+                   help="teacher checkpoint + logit cache folder (default OUT/cache); share it "
+                        "between processes that split --methods")
+    p.add_argument("--report", action="store_true",
+                   help="print the markdown report (merging --merge OUT dirs) and exit")
+    p.add_argument("--merge", default="", help="comma-separated extra OUT dirs for --report")
     a = p.parse_args(argv)
     if a.full:
         a.subset, a.epochs, a.tune_epochs, a.trials = 0, 30, 15, 8
@@ -156,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     state = State(out / "state.json")
     if a.report:
+        for other in filter(None, a.merge.split(",")):
+            od = json.loads((Path(other) / "state.json").read_text())
+            state.d["runs"].update(od.get("runs", {}))
+            state.d.setdefault("chosen", {}).update(od.get("chosen", {}))
+            for k in ("teacher", "data", "cache"):
+                state.d.setdefault(k, od.get(k))
         print(report(state.d))
         return 0
     torch.set_num_threads(a.threads)
@@ -164,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     data = load_data(a.data_root, 0.1, a.subset or None, a.teacher_subset or None)
     t0 = time.perf_counter()
-    teacher, ckpt, tacc = get_teacher(data, a.teacher_epochs, out / "cache", lr=a.lr)
+    cache_dir = Path(a.cache_dir) if a.cache_dir else out / "cache"
+    teacher, ckpt, tacc = get_teacher(data, a.teacher_epochs, cache_dir, lr=a.lr)
     state.d["teacher"] = {"test_acc1": tacc, "epochs": a.teacher_epochs,
                           "train_images": len(data.teacher_idx),
                           "seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    cached = get_logit_cache(teacher, ckpt, data, out / "cache", a.views, None)
+    cached = get_logit_cache(teacher, ckpt, data, cache_dir, a.views, None)
     state.d["cache"] = {"views": a.views, "images": len(data.fit_idx),
                         "seconds": time.perf_counter() - t0,
                         "bytes": cached.cache.disk_bytes()}
