@@ -4,7 +4,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_engine_common import config_dict, make_cifar100
+from test_engine_common import (
+    config_dict,
+    make_cifar100,
+    tinynet_registered,  # noqa: F401 (autouse fixture)
+)
 from topkd import __version__, cli
 
 

@@ -17,13 +17,20 @@ import pytest
 import torch
 import yaml
 
-from test_engine_common import config_dict, make_cifar100, read_metrics, tiny_config
+from test_engine_common import (
+    config_dict,
+    make_cifar100,
+    read_metrics,
+    tiny_config,
+    tinynet_registered,  # noqa: F401 (autouse fixture)
+)
 from topkd.engine import Trainer
 
 SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
-import test_engine_common  # registers test_tinynet (BN-free)
+import test_engine_common
+test_engine_common.register_tinynet()  # BN-free test model
 from topkd import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -54,6 +61,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert a["world_size"] == 2 and b["world_size"] == 1
     assert a["global_step"] == b["global_step"] == 4  # 24 train samples / global batch 16
     diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in b["model"])
+    print(f"max |w_ddp - w_single| = {diff:.3g}")  # shown with pytest -s
     assert diff <= 1e-5, diff
     ra, rb = read_metrics(ddp_dir), read_metrics(single.run_dir)
     for x, y in zip(ra, rb, strict=True):

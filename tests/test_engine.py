@@ -5,7 +5,11 @@ import pytest
 import torch
 import yaml
 
-from test_engine_common import read_metrics, tiny_config
+from test_engine_common import (
+    read_metrics,
+    tiny_config,
+    tinynet_registered,  # noqa: F401 (autouse fixture)
+)
 from topkd.checkpoints import load_weights
 from topkd.config import ConfigError, SchedConfig
 from topkd.engine import CKPT_FORMAT, LRSchedule, NonFiniteLossError, Trainer

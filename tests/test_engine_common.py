@@ -1,5 +1,7 @@
 """Shared helpers for the engine/CLI/resume/DDP tests (no tests here).
 
+Import ``tinynet_registered`` (an autouse fixture) into a test module to get ``test_tinynet``.
+
 Tiny CIFAR-100 data in the official pickle format, a tiny BN-free conv net registered as
 ``test_tinynet`` and a config factory. Kept tiny: the CI machine has 2 shared CPU cores.
 """
@@ -11,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from topkd.config import Config, deep_merge
 from topkd.models import ClassifierModel, register_model
-from topkd.models._factory import MODELS
+from topkd.models import _factory as factory
 
 N_CLASSES_USED = 4  # labels drawn from the first 4 of the 100 classes: learnable in a few steps
 
@@ -37,8 +40,25 @@ class TinyNet(ClassifierModel):
         return self.fc
 
 
-if "test_tinynet" not in MODELS:
-    register_model("test_tinynet")(lambda num_classes=100, **kw: TinyNet(num_classes, **kw))
+def register_tinynet() -> None:
+    """Register ``test_tinynet`` (idempotent). Subprocess scripts call this explicitly."""
+    if "test_tinynet" not in factory.MODELS:
+        register_model("test_tinynet")(lambda num_classes=100, **kw: TinyNet(num_classes, **kw))
+
+
+def unregister_tinynet() -> None:
+    # Other test modules pin the exact list of registered models: leave no trace.
+    factory.MODELS._items.pop("test_tinynet", None)
+    factory._INFO.pop("test_tinynet", None)
+    factory._CANONICAL.pop("test_tinynet", None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tinynet_registered():
+    """Autouse in every module that imports it: ``test_tinynet`` exists during that module."""
+    register_tinynet()
+    yield
+    unregister_tinynet()
 
 
 def make_cifar100(root: Path, n_train: int = 32, n_test: int = 16, seed: int = 0) -> Path:

@@ -11,7 +11,13 @@ import numpy as np
 import torch
 import yaml
 
-from test_engine_common import config_dict, make_cifar100, read_metrics, tiny_config
+from test_engine_common import (
+    config_dict,
+    make_cifar100,
+    read_metrics,
+    tiny_config,
+    tinynet_registered,  # noqa: F401 (autouse fixture)
+)
 from topkd.engine import Trainer
 
 TIMING = ("epoch_time_s", "images_per_s")
@@ -70,7 +76,8 @@ def test_resume_in_process_is_bit_exact(tmp_path):
 SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import test_engine_common  # registers test_tinynet
+import test_engine_common
+test_engine_common.register_tinynet()
 from topkd.engine.trainer import Trainer
 from topkd import cli
 
