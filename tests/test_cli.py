@@ -108,3 +108,15 @@ def test_multi_seed_summary(capsys, cfg_file, tmp_path):
     out = capsys.readouterr().out
     assert "epoch 1/1" not in out and out.count("resumed from") == 2
     assert (out_dir / "summary.md").read_text() == md
+
+
+def test_resume_explicit_path(capsys, cfg_file, tmp_path):
+    assert cli.main(["train", str(cfg_file), "name=a", "train.epochs=1"]) == 0
+    last = tmp_path / "runs/a/checkpoints/last.pt"
+    capsys.readouterr()
+    assert cli.main(["train", str(cfg_file), "name=a", "train.epochs=2", f"--resume={last}"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "epoch 2/2" in out and "epoch 1/2" not in out
+    assert json.loads((tmp_path / "runs/a/summary.json").read_text())["epochs"] == 2
+    assert cli.main(["train", str(cfg_file), "--resume", str(tmp_path / "x.pt")]) == 2
+    assert "resume checkpoint not found" in capsys.readouterr().err

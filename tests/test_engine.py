@@ -189,3 +189,27 @@ def test_teacher_cache_matches_online_distillation(teacher_run, tmp_path):
     ra, rb = read_metrics(online.run_dir), read_metrics(cached.run_dir)
     assert [float(r["train_kd"]) for r in ra] == \
         pytest.approx([float(r["train_kd"]) for r in rb], abs=1e-5)
+
+
+def test_adamw_cosine_warmup_clip_and_step_cap(tmp_path):
+    cfg = tiny_config(tmp_path, optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.05},
+                      sched={"name": "cosine", "warmup_epochs": 1, "min_lr": 1e-5},
+                      data={"batch_size": 8},
+                      train={"epochs": 2, "grad_clip": 1.0, "max_steps_per_epoch": 2})
+    tr = Trainer(cfg, "train")
+    assert isinstance(tr.optimizer, torch.optim.AdamW) and tr.steps_per_epoch == 2
+    tr.fit()
+    rows = read_metrics(cfg.run_dir)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([5e-4, 1e-3])  # warm-up, then peak
+    assert tr.global_step == 4
+    with pytest.warns(UserWarning, match="already holds a run"):
+        Trainer(cfg, "train").fit(max_epochs=1)
+
+
+def test_bench_step_throughput():
+    from topkd.engine.bench import step_throughput
+
+    r = step_throughput("test_tinynet", "test_tinynet", "kd", batch=4, steps=1, warmup=0)
+    assert r["images_per_s"] > 0 and math.isfinite(r["loss_value"])
+    assert step_throughput("test_tinynet", "test_tinynet", "ce", batch=4, steps=1,
+                           warmup=0)["loss"] == "ce"

@@ -253,6 +253,9 @@ class Trainer:
         return self._finish()
 
     def _prepare_run_dir(self) -> None:
+        if self.resumed_from is None and (self.ckpt_dir / "last.pt").is_file():
+            warnings.warn(f"{self.run_dir} already holds a run: starting from scratch overwrites "
+                          "it (use --resume to continue it)", stacklevel=3)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run_dir / "config.yaml")
         env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
