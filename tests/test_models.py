@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from torch import nn
@@ -57,6 +59,45 @@ PINNED: dict[str, int] = {
     "fmnist_cnn_student": 13_726,
 }
 
+# sha256 (first 16 hex digits) of the ordered "key:shape" list of each state_dict. The CIFAR
+# models and MobileNetV1 were checked once against a transcription of the reference code
+# (mdistiller): same keys in the same order and bitwise-equal outputs in train and eval mode.
+# A change here breaks loading the field's released checkpoints.
+LAYOUT_DIGEST: dict[str, str] = {
+    "fmnist_cnn_student": "07cd7892dd00bca2",
+    "fmnist_cnn_teacher": "0e54af9cfc013c70",
+    "mobilenetv1": "735401b430049768",
+    "mobilenetv2": "dc5f751da70599bb",
+    "mobilenetv2_tinyimagenet": "97e4cb1fe921ca99",
+    "resnet110": "daa718d52ef69745",
+    "resnet14": "b671d2c42cef460b",
+    "resnet18": "9343d600debe782c",
+    "resnet18_cifar": "58f6dc8bcc47401d",
+    "resnet20": "e480ef445ab85de5",
+    "resnet32": "716a10c3e306cb9b",
+    "resnet32x4": "685f596181ef34e8",
+    "resnet34": "e0fcac3e9a1e5aef",
+    "resnet34_cifar": "be4ffda207a13d91",
+    "resnet44": "0ea6f5caec17075f",
+    "resnet50": "1d8fc517bd891ca1",
+    "resnet50_cifar": "d995be9cd6ba6cf7",
+    "resnet56": "d4fcbd5d057cb214",
+    "resnet8": "eec123cffead889d",
+    "resnet8x4": "8135fcd31bd66896",
+    "shufflev1": "c21b32ee346e9700",
+    "shufflev2": "4a894fed324fb11e",
+    "vgg11": "c07b7303493cdd87",
+    "vgg13": "eb9f56f5fa1be1b5",
+    "vgg16": "701437b739103735",
+    "vgg19": "384a4cdf0dfa75b6",
+    "vgg8": "38970949c714781f",
+    "wrn_16_1": "3a1556399e4031e9",
+    "wrn_16_2": "5af6aa9e7ef23f35",
+    "wrn_40_1": "878f52387f93459c",
+    "wrn_40_2": "f074c18001055d3e",
+}
+
+
 # ImageNet models are checked at a reduced resolution (their pooling is global) to stay cheap.
 TEST_SIZE = {"imagenet": 64, "tiny_imagenet": 32}
 
@@ -82,6 +123,8 @@ def test_model_contract_params_and_roundtrip(name: str, tmp_path):
     nc = info.default_num_classes
     model = create_model(name, nc).eval()
     assert count_parameters(model) == PINNED[name]
+    layout = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    assert hashlib.sha256(layout.encode()).hexdigest()[:16] == LAYOUT_DIGEST[name]
     x = _input(name)
     with torch.inference_mode():
         logits = model(x)
@@ -101,6 +144,16 @@ def test_model_contract_params_and_roundtrip(name: str, tmp_path):
     load_weights(other, path, verbose=False)
     with torch.inference_mode():
         torch.testing.assert_close(other(x), logits, rtol=0, atol=0)
+
+
+def test_global_pool_matches_field_fixed_avgpool():
+    from topkd.models import adaptive_global_pool, global_pool
+
+    for k in (8, 4, 2):
+        x = torch.randn(3, 16, k, k) * 100
+        assert torch.equal(global_pool(x), nn.AvgPool2d(k)(x).flatten(1))
+        torch.testing.assert_close(adaptive_global_pool(x), global_pool(x))
+    assert global_pool(torch.randn(2, 5, 7, 7)).shape == (2, 5)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "shufflev2", "fmnist_cnn_student"])

@@ -21,7 +21,7 @@ from topkd.models import (  # noqa: F401  (imported for their registrations)
     vgg,
     wrn,
 )
-from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._base import ClassifierModel, GlobalAvgPool, adaptive_global_pool, global_pool
 from topkd.models._factory import (
     FIELD_ALIASES,
     MODELS,
@@ -38,9 +38,11 @@ __all__ = [
     "FIELD_ALIASES",
     "MODELS",
     "ClassifierModel",
+    "GlobalAvgPool",
     "ModelInfo",
     "check_model_contract",
     "count_parameters",
+    "adaptive_global_pool",
     "create_model",
     "global_pool",
     "list_models",

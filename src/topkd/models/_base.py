@@ -31,9 +31,22 @@ class ClassifierModel(nn.Module):
 
 
 def global_pool(x: torch.Tensor) -> torch.Tensor:
-    """Global average pool ``(B, C, H, W) -> (B, C)``.
+    """Global average pool ``(B, C, H, W) -> (B, C)`` as one ``H x W`` average-pool window.
 
-    Equal to the field's fixed ``AvgPool2d(k)`` at the native input size (where the final map is
-    exactly ``k x k``) and also valid at other input sizes (e.g. 28x28 Fashion-MNIST).
+    Bitwise equal to the field's fixed ``AvgPool2d(k)`` / ``F.avg_pool2d(x, k)`` at the native
+    input size (where the final map is exactly ``k x k``), and still global at other input sizes
+    (e.g. 28x28 Fashion-MNIST).
     """
+    return torch.flatten(nn.functional.avg_pool2d(x, kernel_size=x.shape[-2:]), 1)
+
+
+def adaptive_global_pool(x: torch.Tensor) -> torch.Tensor:
+    """Global average pool via ``adaptive_avg_pool2d(x, 1)``, for references that use it."""
     return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+class GlobalAvgPool(nn.Module):
+    """Parameter-free module form of :func:`global_pool`, keeping the spatial dims (B, C, 1, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(x, kernel_size=x.shape[-2:])

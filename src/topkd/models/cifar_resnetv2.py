@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._base import ClassifierModel, adaptive_global_pool
 from topkd.models._factory import register_model
 
 
@@ -112,7 +112,7 @@ class CifarResNetV2(ClassifierModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return global_pool(x)
+        return adaptive_global_pool(x)
 
     def get_classifier(self) -> nn.Linear:
         return self.linear

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from topkd.models._base import ClassifierModel
+from topkd.models._base import ClassifierModel, GlobalAvgPool
 from topkd.models._factory import register_model
 
 
@@ -56,7 +56,7 @@ class MobileNetV1(ClassifierModel):
         self.model = nn.Sequential(
             _conv_bn(in_channels, 32, 2),
             *[_conv_dw(i, o, s) for i, o, s in _DW_SETTING],
-            nn.AdaptiveAvgPool2d(1),  # the reference's AvgPool2d(7) at 224x224
+            GlobalAvgPool(),  # the reference's AvgPool2d(7) at 224x224
         )
         self.feature_dim = 1024
         self.fc = nn.Linear(1024, num_classes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._base import ClassifierModel, adaptive_global_pool
 from topkd.models._factory import register_model
 
 
@@ -70,7 +70,7 @@ class MobileNetV2TinyImageNet(ClassifierModel):
         x = self.pre(x)
         for i in range(1, 8):
             x = getattr(self, f"stage{i}")(x)
-        return global_pool(self.conv1(x))
+        return adaptive_global_pool(self.conv1(x))
 
     def get_classifier(self) -> nn.Linear:
         return self.conv2

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._base import ClassifierModel, adaptive_global_pool
 from topkd.models._factory import register_model
 
 CFGS: dict[str, list[list[int]]] = {
@@ -91,7 +91,7 @@ class VGG(ClassifierModel):
         if h >= 64:
             x = self.pool3(x)
         x = F.relu(self.block4(x))
-        return global_pool(x)
+        return adaptive_global_pool(x)
 
     def get_classifier(self) -> nn.Linear:
         return self.classifier
