@@ -213,3 +213,12 @@ def test_bench_step_throughput():
     assert r["images_per_s"] > 0 and math.isfinite(r["loss_value"])
     assert step_throughput("test_tinynet", "test_tinynet", "ce", batch=4, steps=1,
                            warmup=0)["loss"] == "ce"
+
+
+def test_teacher_checkpoint_of_another_architecture_is_a_config_error(teacher_run, tmp_path):
+    _, tcfg, _ = teacher_run
+    cfg = tiny_config(tmp_path, loss={"preset": "kd"},
+                      teacher={"name": "test_tinynet",  # width 8: the file has width 16
+                               "checkpoint": str(tcfg.run_dir / "checkpoints/best.pt")})
+    with pytest.raises(ConfigError, match="teacher: checkpoint .* does not match"):
+        Trainer(cfg, "distill")

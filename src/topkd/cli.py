@@ -187,7 +187,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import yaml
     from torch.utils.data import DataLoader
 
-    from topkd.checkpoints import load_weights
+    from topkd.checkpoints import CheckpointMismatchError, UnsafeCheckpointError, load_weights
     from topkd.config import Config, ConfigError, load_config
     from topkd.data import get_dataset
     from topkd.engine.evaluate import evaluate
@@ -221,7 +221,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    load_weights(model, ckpt, verbose=not args.json)
+    try:
+        load_weights(model, ckpt, verbose=not args.json)
+    except (CheckpointMismatchError, UnsafeCheckpointError) as e:
+        raise ConfigError(str(e)) from None
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     res = evaluate(model.to(device), loader, device)

@@ -22,7 +22,9 @@ def run_training(cfg: Config, mode: str, *, seeds: list[int] | None = None,
     dist = init_distributed(cfg.train.device)
     resume = resume if resume is not None else cfg.train.resume
     if not seeds:
-        return [Trainer(cfg, mode, cfg.run_dir, resume=resume, dist=dist, argv=argv).fit() or {}]
+        summary = Trainer(cfg, mode, cfg.run_dir, resume=resume, dist=dist, argv=argv).fit()
+        barrier()  # rank 0 may still be writing when the others finish
+        return [summary or {}]
     if resume not in (None, "auto"):
         raise ConfigError("with --seeds, resume must be 'auto' (each seed resumes its own "
                           "RUN_DIR/seed_<s>/checkpoints/last.pt)")

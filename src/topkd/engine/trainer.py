@@ -81,9 +81,13 @@ class Trainer:
         if self.uses_cache:
             from topkd.cache import wrap_dataset
 
-            train_ds = wrap_dataset(train_ds, t.teacher_cache, seed=cfg.seed,
-                                    teacher_name=cfg.teacher.name,
-                                    checkpoint=cfg.teacher.checkpoint, dataset_name=cfg.data.name)
+            try:
+                train_ds = wrap_dataset(train_ds, t.teacher_cache, seed=cfg.seed,
+                                        teacher_name=cfg.teacher.name,
+                                        checkpoint=cfg.teacher.checkpoint,
+                                        dataset_name=cfg.data.name)
+            except (ValueError, FileNotFoundError) as e:  # incl. CacheMismatchError
+                raise ConfigError(f"train.teacher_cache={t.teacher_cache}: {e}") from None
         self.train_ds = train_ds
         self.train_loader, self._loader_gen = train_loader(train_ds, cfg, self.dist)
         self.val_loader = eval_loader(self.data.val, cfg, self.dist) if self.data.val else None
@@ -142,7 +146,11 @@ class Trainer:
         return model.to(self.device, memory_format=mf)
 
     def _build_teacher(self) -> nn.Module:
-        from topkd.checkpoints import load_teacher
+        from topkd.checkpoints import (
+            CheckpointMismatchError,
+            UnsafeCheckpointError,
+            load_teacher,
+        )
 
         tc = self.cfg.teacher
         if not tc.name or not tc.checkpoint:
@@ -154,7 +162,7 @@ class Trainer:
             teacher = load_teacher(tc.name, self.data.num_classes,
                                    Path(tc.checkpoint).expanduser(), verbose=self.is_main,
                                    **tc.kwargs)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, CheckpointMismatchError, UnsafeCheckpointError) as e:
             raise ConfigError(f"teacher: {e}") from None
         mf = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         teacher = teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
