@@ -52,6 +52,8 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, local_rank)
+    if world > 1 and device.type == "cuda":
+        device = torch.device(f"cuda:{local_rank}")  # one GPU per process, whatever index given
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
