@@ -77,10 +77,16 @@ def test_field_checkpoint_formats_load_strict(teacher, tmp_path):
         torch.testing.assert_close(_out(model), ref, rtol=0, atol=0)
         assert res.sha256 == sha256_file(path)
         assert not (res.missing_keys or res.unexpected_keys or res.shape_mismatch)
-    assert load_weights(create_model("resnet8x4", 100), tmp_path / "ddp.pth",
-                        verbose=False).stripped_prefix == "module."
-    assert load_weights(create_model("resnet8x4", 100), tmp_path / "field.pth",
-                        verbose=False).source == "model"
+    assert (
+        load_weights(
+            create_model("resnet8x4", 100), tmp_path / "ddp.pth", verbose=False
+        ).stripped_prefix
+        == "module."
+    )
+    assert (
+        load_weights(create_model("resnet8x4", 100), tmp_path / "field.pth", verbose=False).source
+        == "model"
+    )
 
 
 def test_mismatch_error_lists_missing_unexpected_and_shapes(tmp_path):
