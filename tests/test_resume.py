@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -119,3 +120,13 @@ def test_killed_subprocess_resumes_bit_exact(tmp_path):
     rows = read_metrics(cut_dir)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
     assert _strip(rows) == _strip(read_metrics(tmp_path / "runs/ref"))
+
+
+def test_resume_into_another_model_is_a_config_error(tmp_path):
+    from topkd.config import ConfigError
+
+    cfg = tiny_config(tmp_path, train={"epochs": 2})
+    Trainer(cfg, "train").fit(max_epochs=1)
+    other = tiny_config(tmp_path, model={"name": "test_tinynet", "kwargs": {"width": 4}})
+    with pytest.raises(ConfigError, match="cannot resume from .*last.pt: it does not fit"):
+        Trainer(other, "train", resume="auto")

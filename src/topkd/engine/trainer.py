@@ -197,8 +197,13 @@ class Trainer:
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise ConfigError(f"{path} is not a topkd training checkpoint (no {CKPT_FORMAT!r}); "
                               "to start from weights only, use teacher.checkpoint / load_weights")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError) as e:  # another model / optimizer than this config's
+            raise ConfigError(f"cannot resume from {path}: it does not fit this config "
+                              f"(model {self.cfg.model.name}, optim {self.cfg.optim.name}): "
+                              f"{str(e).splitlines()[0]}") from None
         if ck.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck["scaler"])
         self.start_epoch = int(ck["epoch"]) + 1
