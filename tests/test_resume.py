@@ -130,3 +130,15 @@ def test_resume_into_another_model_is_a_config_error(tmp_path):
     other = tiny_config(tmp_path, model={"name": "test_tinynet", "kwargs": {"width": 4}})
     with pytest.raises(ConfigError, match="cannot resume from .*last.pt: it does not fit"):
         Trainer(other, "train", resume="auto")
+
+
+def test_resume_with_dataloader_workers_is_bit_exact(tmp_path):
+    # Augmentation then runs in a worker whose seed comes from the per-epoch generator.
+    sections = {"data": {"augment": True, "num_workers": 1}, "train": {"epochs": 2}}
+    ref = tiny_config(tmp_path, name="ref", **sections)
+    Trainer(ref, "train").fit()
+    cut = tiny_config(tmp_path, name="cut", **sections)
+    Trainer(cut, "train").fit(max_epochs=1)
+    torch.manual_seed(99)
+    Trainer(cut, "train", resume="auto").fit()
+    _assert_same_state(ref.run_dir / "checkpoints/last.pt", cut.run_dir / "checkpoints/last.pt")
