@@ -254,3 +254,22 @@ def test_modules_equal_functional():
         L.TSM(0)
     with pytest.raises(ValueError, match=r"KDLoss: temperature must be a number > 0"):
         L.KDLoss(-1.0)
+
+
+def test_criterion_half_inputs_and_autocast():
+    s, t, y = make(seed=7)
+    sh = s.to(torch.bfloat16).requires_grad_(True)
+    for name in ("kd+ls", "dkd+tsm+tdl", "topkd"):
+        total, terms = DistillationLoss(name)(sh, t.to(torch.bfloat16), y, epoch=30)
+        ref_total, _ = DistillationLoss(name)(
+            sh.detach().double(), t.to(torch.bfloat16).double(), y, epoch=30
+        )
+        assert total.dtype == torch.float32 and torch.isfinite(total)
+        close(total, ref_total, 1e-4)
+        total.backward()
+        assert torch.isfinite(sh.grad.float()).all()
+        sh.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = DistillationLoss("topkd")(s.float(), t.float(), y, epoch=30)
+    b, _ = DistillationLoss("topkd")(s.float(), t.float(), y, epoch=30)
+    close(a, b, 1e-6)

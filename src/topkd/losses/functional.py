@@ -87,10 +87,6 @@ def _safe_norm(sq: Tensor, eps: float) -> Tensor:
     return sq.clamp_min(eps * eps).sqrt()
 
 
-def _cos(dot: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
-    return dot / (_safe_norm(xx, COS_EPS) * _safe_norm(yy, COS_EPS))
-
-
 def _kd_rows(s: Tensor, t: Tensor, T: float) -> Tensor:
     log_ps = F.log_softmax(s / T, dim=-1)
     with torch.no_grad():
