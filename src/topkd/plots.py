@@ -60,6 +60,10 @@ def training_curves(results: Sequence[Any], path: str | Path,
         name = (labels or {}).get(m, m)
         a1.plot(ep, val, marker="o", label=name)
         a2.plot(ep, loss, marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a1, a2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     a1.set_xlabel("epoch")
     a1.set_ylabel("validation top-1 (%)")
     a1.legend(fontsize=8)
