@@ -153,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true",
                    help="print the markdown report (merging --merge OUT dirs) and exit")
     p.add_argument("--merge", default="", help="comma-separated extra OUT dirs for --report")
+    p.add_argument("--long-epochs", type=int, default=20,
+                   help="phase 'long': seed-0 convergence check of the chosen configs")
+    p.add_argument("--chosen-from", default="",
+                   help="comma-separated OUT dirs whose tuned choices phase 'long' uses "
+                        "(when tuning ran in other processes)")
     a = p.parse_args(argv)
     if a.full:
         a.subset, a.epochs, a.tune_epochs, a.trials = 0, 30, 15, 8
@@ -214,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             for s in seeds:
                 _run(state, f"final/{m}/{s}", chosen[m], epochs=a.epochs, seed=s, method=m, **run)
+    for other in filter(None, a.chosen_from.split(",")):
+        od = json.loads((Path(other) / "state.json").read_text())
+        chosen.update({m: c["spec"] for m, c in od.get("chosen", {}).items() if m in chosen})
+    if "long" in phases:
+        for m in methods:
+            _run(state, f"long/{m}/0", chosen[m], epochs=a.long_epochs, seed=0, method=m, **run)
     if "ablate" in phases and "topkd" in chosen:
         base = chosen["topkd"]
         variants = {"tsm_off": {"tsm": False}, "tdl_off": {"w_tdl": 0.0},
@@ -265,6 +276,16 @@ def report(d: dict[str, Any]) -> str:
             mark = "**yes**" if chosen.get(m, {}).get("spec") == r["spec"] else ""
             lines.append(f"| {LABELS[m]} | {i} | {ov or 'default'} | {r['best_val_acc1']:.2f} |"
                          f" {mark} |")
+    longs = {k.split("/")[1]: r for k, r in runs.items() if k.startswith("long/")}
+    if longs:
+        n = max(r["epochs"] for r in longs.values())
+        lines += ["", f"Convergence check ({n} epochs, seed 0, chosen configs; validation "
+                  "top-1 per epoch):", "", "| method | test @ best val | test @ last | "
+                  "val curve |", "| --- | --- | --- | --- |"]
+        for m, r in longs.items():
+            curve = " ".join(f"{v:.1f}" for v in r["val_curve"])
+            lines.append(f"| {LABELS[m]} | {r['test_acc1_at_best_val']:.2f} | "
+                         f"{r['last_test_acc1']:.2f} | {curve} |")
     ab: dict[str, list[dict[str, Any]]] = {}
     for k, r in runs.items():
         if k.startswith("ablate/"):
