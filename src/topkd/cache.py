@@ -582,6 +582,11 @@ class CachedLogitDataset(Dataset):
         x, y, t = self.batch([i])
         return x[0], int(y[0]), t[0]
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        # DataLoader's batched fetch (torch >= 2.2): one vectorised replay per batch
+        x, y, t = self.batch(indices)
+        return [(x[j], int(y[j]), t[j]) for j in range(len(indices))]
+
     def iter_batches(self, batch_size: int, shuffle: bool = True,
                      generator: torch.Generator | None = None, drop_last: bool = False
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
