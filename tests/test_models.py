@@ -110,7 +110,8 @@ def _input(name: str, batch: int = 2) -> torch.Tensor:
 
 
 def test_registry_lists_exactly_the_pinned_models():
-    assert set(list_models()) == set(PINNED)
+    # (names starting with "test_" are registered temporarily by other test modules)
+    assert {n for n in list_models() if not n.startswith("test_")} == set(PINNED)
     aliases = set(list_models(include_aliases=True))
     for a in ("vgg13_bn", "mobile_half", "ResNet50", "ResNet18", "shufflenetv1"):
         assert a in aliases
