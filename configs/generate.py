@@ -93,13 +93,13 @@ IMAGENET_PAIRS: tuple[Pair, ...] = (
 IMAGENET_METHODS = ("kd", "dkd", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
 
 # mdistiller's Tiny-ImageNet teacher is its CIFAR-style ResNet18 (``resnet18_cifar`` here) trained
-# at 64x64; students ShuffleV2 (the same network as mdistiller's) and MobileNetV2 (the CIFAR
-# width-0.5 network: mdistiller's Tiny-ImageNet MobileNetV2 is a different, full-width variant).
+# at 64x64; students ShuffleV2 (the same network as mdistiller's) and MobileNetV2 (mdistiller's
+# full-width Tiny-ImageNet variant, ``mobilenetv2_tinyimagenet`` here).
 TINY_CKPT = "checkpoints/tiny_imagenet_teachers/ResNet18_vanilla/ti_res18"
 TINY_PAIRS: tuple[Pair, ...] = (
     Pair("r18_shuv2", "resnet18_cifar", "shufflev2", TINY_CKPT, "tiny_imagenet.yaml",
          "Tiny-ImageNet"),
-    Pair("r18_mv2", "resnet18_cifar", "mobilenetv2", TINY_CKPT, "tiny_imagenet.yaml",
+    Pair("r18_mv2", "resnet18_cifar", "mobilenetv2_tinyimagenet", TINY_CKPT, "tiny_imagenet.yaml",
          "Tiny-ImageNet"),
 )  # fmt: skip
 TINY_METHODS = ("kd", "dkd", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
@@ -231,7 +231,7 @@ def generate() -> dict[str, str]:
         ("students", "cifar100_vit", DEIT_TI, "cifar100_vit.yaml", DEIT_KWARGS),
         ("teachers", "tiny_imagenet", "resnet18_cifar", "tiny_imagenet.yaml", ()),
         ("students", "tiny_imagenet", "shufflev2", "tiny_imagenet.yaml", ()),
-        ("students", "tiny_imagenet", "mobilenetv2", "tiny_imagenet.yaml", ()),
+        ("students", "tiny_imagenet", "mobilenetv2_tinyimagenet", "tiny_imagenet.yaml", ()),
         ("teachers", "fashion_mnist", "fmnist_cnn_teacher", "fashion_mnist.yaml", ()),
         ("students", "fashion_mnist", "fmnist_cnn_student", "fashion_mnist.yaml", ()),
     ]
