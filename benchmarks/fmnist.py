@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     run = dict(data=data, cached=cached, bs=a.batch_size, lr=a.lr)
 
     chosen: dict[str, dict[str, Any]] = {m: dict(METHODS[m]) for m in methods}
+    for other in filter(None, a.chosen_from.split(",")):
+        od = json.loads((Path(other) / "state.json").read_text())
+        for m, c in od.get("chosen", {}).items():
+            if m in chosen:
+                chosen[m] = c["spec"]
+                state.d.setdefault("chosen", {})[m] = c
     if "tune" in phases:
         for m in methods:
             if m == "ce":
@@ -219,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             for s in seeds:
                 _run(state, f"final/{m}/{s}", chosen[m], epochs=a.epochs, seed=s, method=m, **run)
-    for other in filter(None, a.chosen_from.split(",")):
-        od = json.loads((Path(other) / "state.json").read_text())
-        chosen.update({m: c["spec"] for m, c in od.get("chosen", {}).items() if m in chosen})
     if "long" in phases:
         for m in methods:
             _run(state, f"long/{m}/0", chosen[m], epochs=a.long_epochs, seed=0, method=m, **run)
