@@ -39,6 +39,7 @@ def _losses(k: int):
         "contrastive_loss": lambda s, t, y: L.contrastive_loss(s, t, 0.1),
         "topkd_loss": lambda s, t, y: L.topkd_loss(s, t, y, k=k),
         "topkd_loss (validate=False)": lambda s, t, y: L.topkd_loss(s, t, y, k=k, validate=False),
+        "topkd_loss w_con=0 (TSM+TDL)": lambda s, t, y: L.topkd_loss(s, t, y, k=k, w_con=0.0),
         "kd_loss + LS": lambda s, t, y: L.kd_loss(L.standardize(s), L.standardize(t), 2.0),
     }
 
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
     else:
         print(head)
         for shape, kk, name, ms, rel, mib in rows:
-            print(f"{shape:>11} k={kk:<2} {name:<28} {ms:10.3f} ms {rel:6.2f}x {mib:9.1f} MiB")
+            print(f"{shape:>11} k={kk:<2} {name:<30} {ms:10.3f} ms {rel:6.2f}x {mib:9.1f} MiB")
 
 
 if __name__ == "__main__":
