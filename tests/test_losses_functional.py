@@ -185,6 +185,26 @@ def test_gradcheck(B, C, k):
         assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-5)
 
 
+def test_gradcheck_masked_paths():
+    """ignore_index rows and leading dims (a constant student row is not differentiable:
+    its norm is clamped; it is covered by the finiteness test below)."""
+    g = torch.Generator().manual_seed(20)
+    s = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    s.requires_grad_(True)
+    t = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 8, (2, 3), generator=g)
+    y[0, 1] = -100
+    ii = dict(ignore_index=-100)
+    fns = [
+        lambda x: L.dkd_loss(x, t, y, reduction="none", **ii),
+        lambda x: L.tdl_loss(x, t, 3, y=y, **ii),
+        lambda x: L.contrastive_loss(x, t, 0.5, y=y, **ii),
+        lambda x: L.topkd_loss(x, t, y, k=3, tau=0.5, **ii),
+    ]
+    for f in fns:
+        assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-5)
+
+
 # -------------------------------------------------------------------- every option matters
 def test_every_option_changes_output():
     s, t, y = make(6, 20, seed=8)
