@@ -273,6 +273,39 @@ def _tdl_rows(
     return loss, aa, cc
 
 
+class _InfoNCEFn(torch.autograd.Function):
+    """Per-row symmetric InfoNCE from centered student ``a`` (and ``|a|^2``) with a fused
+    backward: one ``B x B x C`` matmul plus a handful of ``B x B`` ops, instead of autograd's
+    chain through the division, both logsumexps, the diagonal and the mask.
+
+    ``S = (a c^T) * r_a r_c^T / tau`` with ``r = 1 / max(|x|, 1e-12)``; row loss
+    ``(lse_row_i + lse_col_i) / 2 - S_ii``. Gradients reach ``a`` and ``aa`` (``|a|^2``, whose
+    gradient TDL's backward turns into ``2 g a``; or autograd when TDL is off).
+    """
+
+    @staticmethod
+    def forward(ctx, a, aa, c, rc_tau, pair):
+        ra = 1.0 / _safe_norm(aa, NORM_EPS)
+        S = (a @ c.T).mul_(ra[:, None]).mul_(rc_tau[None, :])
+        Sm = S.masked_fill(~pair, float("-inf")) if pair is not None else S
+        lse_r, lse_c = Sm.logsumexp(1), Sm.logsumexp(0)
+        ctx.save_for_backward(c, aa, ra, rc_tau, S, Sm, lse_r, lse_c)
+        return (lse_r + lse_c) / 2 - S.diagonal()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        c, aa, ra, rc_tau, S, Sm, lse_r, lse_c = ctx.saved_tensors
+        h = g / 2
+        G = (Sm - lse_r[:, None]).exp_().mul_(h[:, None])  # row softmax (0 where masked)
+        G += (Sm - lse_c[None, :]).exp_().mul_(h[None, :])  # column softmax
+        G.diagonal().sub_(g)
+        # S_ij = r_i P_ij s_j: dL/dr_i = sum_j G_ij S_ij / r_i, dr/d|a|^2 = -r^3 / 2
+        g_aa = torch.where(aa > NORM_EPS * NORM_EPS, -0.5 * ra * ra * (G * S).sum(1), 0.0)
+        g_a = G.mul_(ra[:, None]).mul_(rc_tau[None, :]) @ c
+        return g_a, g_aa, None, None, None
+
+
 def _con_rows(a: Tensor, c: Tensor, aa: Tensor, cc: Tensor, tau: float, keep: Tensor | None):
     """Per-row symmetric InfoNCE, ``(CE_row_i + CE_col_i) / 2``; mean over rows is ``L_con``.
 
@@ -280,15 +313,13 @@ def _con_rows(a: Tensor, c: Tensor, aa: Tensor, cc: Tensor, tau: float, keep: Te
     Ignored rows are masked out of the similarity matrix (they are neither anchors nor
     negatives); the diagonal is always kept so every logsumexp is finite.
     """
-    na, nc = _safe_norm(aa, NORM_EPS), _safe_norm(cc, NORM_EPS)
-    S = (a @ c.T) / (na[:, None] * nc[None, :] * tau)
-    if keep is not None:
-        pair = (keep[:, None] & keep[None, :]) | torch.eye(
-            len(keep), dtype=torch.bool, device=a.device
-        )
-        S = S.masked_fill(~pair, float("-inf"))
-    d = S.diagonal()
-    return (S.logsumexp(1) - d + S.logsumexp(0) - d) / 2
+    with torch.no_grad():
+        rc_tau = 1.0 / (_safe_norm(cc, NORM_EPS) * tau)
+        pair = None
+        if keep is not None:
+            eye = torch.eye(len(keep), dtype=torch.bool, device=a.device)
+            pair = (keep[:, None] & keep[None, :]) | eye
+    return _InfoNCEFn.apply(a, aa, c, rc_tau, pair)
 
 
 def _topkd_parts(
