@@ -234,13 +234,15 @@ def train_student(
     tick: Callable[[int], None] = lambda n: None,
     max_steps: int | None = None,
     test_every_epoch: bool = False,
+    view_seed: int | None = None,
 ) -> RunResult:
     """Distil ``fmnist_cnn_student`` with ``spec`` for ``epochs``; teacher logits from ``cached``
     (offline, preferred) or from a ``teacher`` forward per batch (online); neither for CE.
 
     Validation and test accuracy are measured after every epoch; the reported test accuracy
     is the one at the best-validation epoch (and at the last epoch); other epochs' test accuracy
-    is only computed with ``test_every_epoch`` (else NaN in the history).
+    is only computed with ``test_every_epoch`` (else NaN in the history). ``view_seed`` seeds
+    which cached view each sample gets per epoch (default: ``seed``, so seeds vary the views).
     """
     from topkd.models import create_model
 
@@ -254,6 +256,8 @@ def train_student(
     opt, sched = _sgd(model, lr, epochs * per_epoch)
     gen = torch.Generator().manual_seed(seed)
     aug = cached.cache.augment if cached is not None else ReplayableCropFlip(padding=2)
+    if cached is not None:
+        cached.seed = seed if view_seed is None else view_seed
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
         model.train()
