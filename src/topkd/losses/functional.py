@@ -193,7 +193,8 @@ class _TDLFn(torch.autograd.Function):
     """TDL rows and ``|a|^2`` from centered student ``a`` with a hand-written backward.
 
     Autograd would build ~30 nodes and several full-size temporaries here; the backward below
-    is one dense ``2 g_aa a + g_dot c_R`` plus a ``(B, 2k)`` scatter-add for P and N.
+    is one dense ``2 (g_aa + g_R) a + g_dot c_R`` (right on R) plus a ``(B, 2k)`` scatter that
+    assigns the P and N entries.
     Non-student inputs carry no gradient. Verified by ``gradcheck`` in the tests.
     """
 
@@ -203,11 +204,18 @@ class _TDLFn(torch.autograd.Function):
         aPN = a.gather(-1, idx).view(B, 2, k)
         aa_parts = aPN.square().sum(-1)  # (B, 2)
         dots = (aPN * cPN).sum(-1)
-        aa = a.square().sum(-1)
         if cR is not None:
-            aa_r = (aa - aa_parts.sum(-1)).clamp_min(0.0)
+            # |a_R|^2 as a masked square-sum over R (never |a|^2 - |a_P|^2 - |a_N|^2: in float32
+            # that subtraction cancels catastrophically when a_R is small, giving |a_R| ~ 0, a
+            # cosine far outside [-1, 1] and gradients ~1e8). Same passes as |a|^2 alone: the
+            # square is a temporary, zeroed on P u N in place; |a|^2 is then the sum of the parts.
+            sq = a.square().scatter_(-1, idx, 0.0)
+            aa_r = sq.sum(-1)
+            aa = aa_parts.sum(-1) + aa_r
             aa_parts = torch.cat([aa_parts, aa_r[:, None]], -1)
             dots = torch.cat([dots, (a * cR).sum(-1, keepdim=True)], -1)
+        else:
+            aa = aa_parts.sum(-1)  # P u N is every class when 2k == C
         na = _safe_norm(aa_parts, COS_EPS)
         nc = _safe_norm(cc_parts, COS_EPS)
         cos = dots / (na * nc)
@@ -223,18 +231,15 @@ class _TDLFn(torch.autograd.Function):
         g_dot = g_cos / (na * nc)
         # d cos / d |x|^2 = -cos / (2 |x|^2), zero where the norm is clamped at eps
         g_sq = torch.where(aa_parts > COS_EPS * COS_EPS, -g_cos * cos / (2 * na * na), 0.0)
-        g_full = g_aa  # gradient reaching |a|^2 (from the contrastive term)
-        g_pn_sq = g_sq[:, :2]
+        g_aa = g_aa[:, None]  # gradient reaching |a|^2 (from the contrastive term)
         if cR is not None:
-            # |a_R|^2 = clamp(|a|^2 - |a_P|^2 - |a_N|^2, 0)
-            g_r = torch.where(aa_parts[:, 2] > 0, g_sq[:, 2], 0.0)
-            g_full = g_full + g_r
-            g_pn_sq = g_pn_sq - g_r[:, None]
-            grad = torch.addcmul(cR * g_dot[:, 2:3], a, 2 * g_full[:, None])
+            # R entries: d|a_R|^2/da = 2 a, d(a . c_R)/da = c_R; P u N entries are overwritten
+            # below (assigned, not accumulated: no +g_r -g_r cancellation at large a_P, a_N)
+            grad = torch.addcmul(cR * g_dot[:, 2:3], a, 2 * (g_aa + g_sq[:, 2:3]))
         else:
-            grad = a * (2 * g_full[:, None])
-        g_pn = (2 * g_pn_sq)[:, :, None] * aPN + g_dot[:, :2, None] * cPN  # (B, 2, k)
-        grad.scatter_add_(-1, idx, g_pn.view(B, 2 * k))
+            grad = torch.empty_like(a)  # 2k == C: P u N covers every entry
+        g_pn = (2 * (g_aa + g_sq[:, :2]))[:, :, None] * aPN + g_dot[:, :2, None] * cPN
+        grad.scatter_(-1, idx, g_pn.view(B, 2 * k))  # P, N disjoint: no duplicate index
         return grad, None, None, None, None, None
 
 
@@ -245,11 +250,10 @@ def _tdl_rows(
 
     P and N come from two ``topk`` calls (no sort) and are gathered with one index tensor; the
     three cosines are one ``(B, 3)`` tensor. No masked copy of the student is made: the
-    R-cosine uses ``a . c_R`` with ``c_R`` the target zeroed on ``P u N`` (exact), ``|c_R|^2``
-    (exact) and ``|a_R|^2 = |a|^2 - |a_P|^2 - |a_N|^2`` (the only subtraction; clamped at 0,
-    it loses float32 precision only when the student puts less than ~1e-4 of its energy
-    outside ``P u N``). Returns the loss rows and ``|a|^2``, ``|c|^2`` (for the contrastive
-    term).
+    R-cosine uses ``a . c_R`` with ``c_R`` the target zeroed on ``P u N``, ``|c_R|^2`` and
+    ``|a_R|^2``, each a sum over R only (no subtraction of norms anywhere, so a small R-part
+    keeps full relative precision). Returns the loss rows and ``|a|^2``, ``|c|^2`` (sums of
+    their non-negative parts; for the contrastive term).
     """
     B, C = c.shape
     has_r = 2 * k < C  # R is empty when 2k == C: its term is dropped
