@@ -22,16 +22,20 @@ import torch
 from topkd.config import Config
 from topkd.engine.optim import build_optimizer
 from topkd.engine.trainer import Trainer
-from topkd.losses import DistillationLoss, LossSpec
+from topkd.losses import DistillationLoss
 from topkd.models import create_model
 from topkd.utils.dist import resolve_device
 
 
-def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 64,
-                    steps: int = 5, warmup: int = 2, num_classes: int = 100, size: int = 32,
-                    device: str = "auto", amp: str = "none", channels_last: bool = False,
-                    compile: bool = False, seed: int = 0) -> dict[str, Any]:
-    torch.manual_seed(seed)
+def build_step_trainer(teacher: str, student: str, loss: str = "kd", num_classes: int = 100,
+                       device: str = "auto", amp: str = "none", channels_last: bool = False,
+                       compile: bool = False) -> Trainer:
+    """A :class:`Trainer` holding only what :meth:`Trainer._step` needs (no data, no run dir).
+
+    Built from a real :class:`Config` (``loss.preset=loss``, default optimiser); the teacher
+    has random weights (they do not change the cost) and is dropped for losses without a
+    distillation term (e.g. ``"ce"``: the student alone, as ``topkd train``).
+    """
     dev = resolve_device(device)
     cfg = Config.from_dict({"train": {"amp": amp, "channels_last": channels_last,
                                       "compile": compile}, "loss": {"preset": loss}})
@@ -39,19 +43,29 @@ def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 6
     s = create_model(student, num_classes).to(dev, memory_format=mf)
     t: torch.nn.Module | None = create_model(teacher, num_classes).to(dev, memory_format=mf)
     t.eval().requires_grad_(False)
-    spec = LossSpec.preset(loss)
-    if not spec.has_distillation:  # e.g. "ce": the student alone, as `topkd train`
+    if not cfg.loss.has_distillation:
         t = None
-    tr = Trainer.__new__(Trainer)  # only what _step needs; no data, no run directory
+    tr = Trainer.__new__(Trainer)
     cuda = dev.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if cuda else None
     tr.__dict__.update(
         cfg=cfg, device=dev, model=s, teacher=torch.compile(t) if compile and t else t,
         train_model=torch.compile(s) if compile else s,
-        criterion=DistillationLoss(spec).to(dev),
+        criterion=DistillationLoss(cfg.loss).to(dev),
         optimizer=build_optimizer(cfg.optim, s.parameters()), amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler(dev.type, enabled=amp_dtype is torch.float16),
         dist=SimpleNamespace(rank=0, world_size=1, distributed=False, is_main=True))
+    return tr
+
+
+def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 64,
+                    steps: int = 5, warmup: int = 2, num_classes: int = 100, size: int = 32,
+                    device: str = "auto", amp: str = "none", channels_last: bool = False,
+                    compile: bool = False, seed: int = 0) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    tr = build_step_trainer(teacher, student, loss, num_classes, device, amp, channels_last,
+                            compile)
+    dev, cuda = tr.device, tr.device.type == "cuda"
     x = torch.randn(batch, 3, size, size, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
