@@ -13,7 +13,8 @@ SGD step):
 
 Rounds are interleaved and the median per loop is reported, as wall-clock AND process CPU time
 (with one thread the CPU time is what an idle machine would show; the shared benchmark machine is
-often oversubscribed). ``--epoch`` also times one full epoch of the demo's loop online vs cached.
+often oversubscribed). ``--epoch`` also times one full epoch of the in-memory loop of
+``_fmnist_loop.py`` (the Fashion-MNIST benchmark's, formerly the demo's) online vs cached.
 
     python benchmarks/throughput.py [--threads 1] [--batch-size 128] [--steps 20] [--epoch]
 """
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _fmnist_loop import METHODS, load_data, make_criterion, train_student
 from topkd.cache import ReplayableCropFlip, build_cache, wrap_dataset
-from topkd.demo import METHODS, load_data, make_criterion, train_student
 from topkd.models import create_model
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="steps per round")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--epoch", action="store_true", help="also time one demo epoch per mode")
+    p.add_argument("--epoch", action="store_true", help="also time one loop epoch per mode")
     p.add_argument("--epoch-subset", type=int, default=20000)
     p.add_argument("--data-root", default=None)
     p.add_argument("--json", default=None, help="write the figures here")
