@@ -4,10 +4,12 @@ Teacher ``fmnist_cnn_teacher`` (trained once, cached by recipe), student ``fmnis
 teacher logits from one teacher-logit cache shared by every run (:mod:`topkd.cache`). Phases:
 
 ``tune``    for every distillation method, ``--trials`` configurations (the first is the
-            configs/ default, the others drawn at random without replacement from the method's
-            grid in :data:`GRIDS`), each trained ``--tune-epochs`` with seed 0 and scored by the
-            best VALIDATION top-1 (the test set is never looked at). Same number of trials and
-            epochs for every method. CE has no loss hyper-parameters and is not tuned.
+            recorded default, ``_fmnist_loop.METHODS``: the configs/ default of the time, k 3 and
+            DKD beta 8 -- the configs now hold the chosen k 2 / beta 4 -- the others drawn at
+            random without replacement from the method's grid in :data:`GRIDS`), each trained
+            ``--tune-epochs`` with seed 0 and scored by the best VALIDATION top-1 (the test set
+            is never looked at). Same number of trials and epochs for every method. CE has no
+            loss hyper-parameters and is not tuned.
 ``final``   the chosen configuration of every method, ``--seeds``, ``--epochs``: mean ± std of
             test top-1 at the best-validation epoch and at the last epoch, s/epoch.
 ``ablate``  TopKD (chosen config) with TSM off, TDL off, contrastive off and a k sweep.
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from topkd.demo import (
+from _fmnist_loop import (
     LABELS,
     METHODS,
     get_logit_cache,

@@ -21,7 +21,8 @@ being teacher logits precomputed in float16 (the cache's default storage), no lo
 Every loop sees the same batches; rounds are interleaved (round 0 is warm-up) and the median
 per loop is reported, as wall-clock AND process CPU time (with one thread the CPU time is what
 an idle core would show; the shared benchmark box is often oversubscribed). ``--epoch`` also
-times one full epoch of the demo's loop (``topkd.demo.train_student``) online vs cached.
+times one full epoch of the in-memory loop of ``_fmnist_loop.py`` (the Fashion-MNIST
+benchmark's) online vs cached.
 
     python benchmarks/throughput.py [--threads 1] [--batch-size 128] [--steps 20] [--rounds 5]
         [--cifar [--cifar-steps 3 --cifar-rounds 2]] [--epoch] [--json out.json]
@@ -44,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _fmnist_loop import METHODS, load_data, train_student
 from topkd.cache import ReplayableCropFlip, build_cache, wrap_dataset
-from topkd.demo import METHODS, load_data, train_student
 from topkd.engine.bench import build_step_trainer
 from topkd.models import create_model
 
@@ -141,7 +142,8 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cifar-batch-size", type=int, default=64)
     p.add_argument("--cifar-steps", type=int, default=3)
     p.add_argument("--cifar-rounds", type=int, default=2)
-    p.add_argument("--epoch", action="store_true", help="also time one demo epoch per mode")
+    p.add_argument("--epoch", action="store_true",
+                   help="also time one epoch of the in-memory benchmark loop per mode")
     p.add_argument("--epoch-subset", type=int, default=20000)
     p.add_argument("--data-root", default=None)
     p.add_argument("--json", default=None, help="write the figures here")

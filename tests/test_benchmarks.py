@@ -12,7 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_throughput():
+def _load_throughput(monkeypatch):
+    # the script imports its sibling ``_fmnist_loop`` as ``python benchmarks/throughput.py`` would
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_throughput",
                                                   ROOT / "benchmarks" / "throughput.py")
     assert spec is not None and spec.loader is not None
@@ -24,7 +26,7 @@ def _load_throughput():
 def test_throughput_benchmark_runs_engine_step(monkeypatch, tmp_path):
     from topkd.data import DatasetNotFoundError
 
-    tp = _load_throughput()
+    tp = _load_throughput(monkeypatch)
     calls: list[int] = []
     from topkd.engine.trainer import Trainer
 

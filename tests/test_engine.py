@@ -222,3 +222,28 @@ def test_teacher_checkpoint_of_another_architecture_is_a_config_error(teacher_ru
                                "checkpoint": str(tcfg.run_dir / "checkpoints/best.pt")})
     with pytest.raises(ConfigError, match="teacher: checkpoint .* does not match"):
         Trainer(cfg, "distill")
+
+
+def test_train_subset_progress_callback_and_quiet(tmp_path, capsys):
+    """data.train_subset: a fixed subset (same for every seed); progress= and quiet= hooks."""
+    import dataclasses
+
+    from topkd.engine.data import build_datasets
+
+    cfg = tiny_config(tmp_path, name="sub", data={"val_fraction": 0.25, "train_subset": 10},
+                      train={"epochs": 2})
+    full = build_datasets(dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, train_subset=None))).train
+    seen: list[int] = []
+    tr = Trainer(cfg, "train", progress=seen.append, quiet=True)
+    assert len(full) == 24 and len(tr.train_ds) == 10
+    other = Trainer(dataclasses.replace(cfg, seed=1), "train", run_dir=tmp_path / "s1")
+    assert tr.train_ds.indices == other.train_ds.indices  # fixed by data.val_seed, not seed
+    assert sorted(tr.train_ds.indices) == tr.train_ds.indices
+    capsys.readouterr()
+    tr.fit()
+    assert sum(seen) == 2 * 10  # images, every step
+    assert "epoch 1/2" not in capsys.readouterr().out  # quiet: no per-epoch line
+    assert len(read_metrics(cfg.run_dir)) == 2 and (cfg.run_dir / "summary.json").is_file()
+    with pytest.raises(ConfigError, match="data.train_subset"):
+        tiny_config(tmp_path, data={"train_subset": 0})

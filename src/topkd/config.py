@@ -35,6 +35,9 @@ class DataConfig:
     num_workers: int = 4
     val_fraction: float = 0.0  # > 0: held-out val split carved from train with val_seed
     val_seed: int = 0
+    # Not in the original schema sketch: train on a fixed random subset of this many training
+    # images (after the val split; drawn with val_seed, so every run/seed sees the same images).
+    train_subset: int | None = None
     augment: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -360,6 +363,8 @@ def _check_ranges(cfg: Config) -> None:
     need(d.batch_size >= 1, "data.batch_size", "an integer >= 1", d.batch_size)
     need(d.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", d.eval_batch_size)
     need(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    need(d.train_subset is None or d.train_subset >= 1, "data.train_subset",
+         "null or an integer >= 1", d.train_subset)
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "a float in [0, 1)", d.val_fraction)
     need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     need(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every)

@@ -1,24 +1,24 @@
 """``topkd demo``: teacher -> six distillation methods on real Fashion-MNIST, in minutes on a CPU.
 
-What it does (every step reuses earlier work when its inputs are unchanged):
+The demo is a thin orchestration over the engine (:class:`topkd.engine.Trainer`) and the
+configs, so that what it shows is exactly what ``topkd train`` / ``topkd distill`` do:
 
-1. loads Fashion-MNIST (``/usr/share/datasets/fashion-mnist``, Debian ``dataset-fashion-mnist``)
-   and carves a stratified held-out validation split from the training set;
-2. trains the ``fmnist_cnn_teacher`` (or reuses the checkpoint cached under a hash of its
-   training recipe);
-3. runs the teacher ONCE over ``--views`` augmented views of the student's training images and
-   stores the logits (:mod:`topkd.cache`), so no student epoch pays for a teacher forward;
-4. distils ``fmnist_cnn_student`` with each method (CE only, KD, DKD, KD+LS, KD+TSM+TDL, TopKD)
-   and seed, through :class:`topkd.losses.DistillationLoss`, selecting the best epoch on the
-   validation split;
-5. prints a results table (test top-1 at the best-validation epoch and at the last epoch) and
-   writes ``results.md``/``results.json`` and three plots to ``--output-dir``.
+1. the teacher is ``configs/teachers/fashion_mnist/fmnist_cnn_teacher.yaml`` (``topkd train``),
+   run into ``CACHE_DIR/teacher-<hash of its resolved config>/`` and reused while that config is
+   unchanged;
+2. its checkpoint (best on the held-out validation split) fills a teacher-logit cache
+   (:mod:`topkd.cache`, ``--views`` augmented views of the students' training images), so that
+   no student epoch pays for a teacher forward (``train.teacher_cache``);
+3. each method is ``configs/fashion_mnist/teacher_student/<method>.yaml`` (``topkd distill``;
+   CE only is ``configs/students/fashion_mnist/fmnist_cnn_student.yaml`` with ``topkd train``),
+   run per seed into ``OUTPUT_DIR/runs/<method>/seed_<s>/`` (ordinary engine run directories);
+4. the table and plots are read back from those run directories' ``summary.json`` and
+   ``metrics.csv``.
 
-The loss specs are those of ``configs/methods/*.yaml`` with the Fashion-MNIST overrides of
-``configs/fashion_mnist/teacher_student/*.yaml`` (k 3, warm-up 2 epochs); see :data:`METHODS`.
-The training loop is a compact in-process one (pre-loaded uint8 tensors, vectorised replayable
-augmentation, no DataLoader workers) because on two CPU cores data-loading overhead would
-otherwise dominate these tiny CNNs; the loss is the library's criterion, unchanged.
+Only the schedule and data size differ from the configs, as ``key=value`` overrides (printed,
+and saved in every run's ``config.yaml``): ``train.epochs``, ``data.train_subset``,
+``data.val_fraction``, ``data.num_workers=0``, ``data.eval_batch_size``, ``data.root``.
+The loss hyper-parameters are the configs' own.
 """
 
 from __future__ import annotations
@@ -26,47 +26,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import os
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from topkd.cache import (
-    CachedLogitDataset,
-    ReplayableCropFlip,
-    build_cache,
-    wrap_dataset,
-)
-
-# Loss specs (topkd.losses.LossSpec fields): configs/methods/<m>.yaml + the Fashion-MNIST leaf
-# overrides (configs/fashion_mnist/teacher_student/<m>.yaml: k 3, warm-up 2). Kept here so the
-# demo works from an installed wheel too; tests/test_demo.py checks they match the YAML files.
-_TSM = {"tsm": True, "k": 3, "gamma": 1.0, "lam": 0.5, "correct_gt": True}
-_KD = {"ce": 0.1, "base": "kd", "base_weight": 0.9, "temperature": 4.0, "ls": False,
-       "tsm": False, "warmup": 0}
-METHODS: dict[str, dict[str, Any]] = {
-    "ce": {"ce": 1.0, "base": "none"},
-    "kd": dict(_KD),
-    "dkd": {"ce": 1.0, "base": "dkd", "base_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0,
-            "temperature": 4.0, "ls": False, "tsm": False, "warmup": 2},
-    "kd_ls": {**_KD, "ls": True, "temperature": 2.0, "base_weight": 9.0},
-    "kd_tsm_tdl": {**_KD, **_TSM, "tdl_weight": 1.0, "tdl_alpha": 1.0, "tdl_beta": 0.5},
-    "topkd": {"ce": 1.0, "base": "topkd", "base_weight": 1.0, "w_con": 1.0, "w_tdl": 1.0,
-              "tau": 0.1, **_TSM, "schedule": "linear", "ls": False, "warmup": 2},
-}
+METHODS = ("ce", "kd", "dkd", "kd_ls", "kd_tsm_tdl", "topkd")
 LABELS = {"ce": "CE only", "kd": "KD", "dkd": "DKD", "kd_ls": "KD+LS",
           "kd_tsm_tdl": "KD+TSM+TDL", "topkd": "TopKD"}
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                   "Sneaker", "Bag", "Ankle boot"]
 TEACHER, STUDENT = "fmnist_cnn_teacher", "fmnist_cnn_student"
+# Config files, relative to the configs directory.
+TEACHER_CONFIG = "teachers/fashion_mnist/fmnist_cnn_teacher.yaml"
+METHOD_CONFIGS = {m: f"fashion_mnist/teacher_student/{m}.yaml" for m in METHODS if m != "ce"}
+METHOD_CONFIGS["ce"] = "students/fashion_mnist/fmnist_cnn_student.yaml"
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 INSTALL_HINT = (
     "Fashion-MNIST is needed. Install it with `sudo apt-get install dataset-fashion-mnist` "
     "(Debian/Ubuntu; `bash scripts/bootstrap.sh` does this), or pass --data-root DIR containing "
@@ -76,315 +57,227 @@ INSTALL_HINT = (
 
 
 # --------------------------------------------------------------------------------------------
-# Data
+# Configs
 # --------------------------------------------------------------------------------------------
-@dataclass
-class DemoData:
-    """Fashion-MNIST as tensors: the training base, fit/val/test index sets, eval tensors."""
-
-    train: Any                 # topkd.data FashionMNIST (array-backed, train split)
-    fit_idx: np.ndarray        # student training indices into train.data
-    teacher_idx: np.ndarray    # teacher training indices into train.data
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    images: torch.Tensor = field(init=False)   # (N, 1, 28, 28) uint8
-    labels: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(self.train.data)).unsqueeze(1)
-        self.labels = torch.as_tensor(np.asarray(self.train.targets), dtype=torch.long)
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(self.fit_idx.tobytes())
-        h.update(self.teacher_idx.tobytes())
-        h.update(str(len(self.train.data)).encode())
-        return h.hexdigest()[:16]
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def normalise(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images -> float32 normalised (the topkd.data convention)."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (u8.float() / 255.0 - m) / s
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """The demo's schedule/data-size overrides shared by the teacher and every student."""
+    ov = [f"data.val_fraction={args.val_fraction}", "data.num_workers=0",
+          f"data.eval_batch_size={args.eval_batch_size}"]
+    if args.data_root:
+        ov.append(f"data.root={args.data_root}")
+    if args.lr is not None:
+        ov.append(f"optim.lr={args.lr}")
+    if args.batch_size is not None:
+        ov.append(f"data.batch_size={args.batch_size}")
+    if args.device:
+        ov.append(f"train.device={args.device}")
+    return ov
 
 
-def load_data(root: str | None, val_fraction: float = 0.1, subset: int | None = None,
-              teacher_subset: int | None = None, test_subset: int | None = None,
-              split_seed: int = 0) -> DemoData:
-    """Load Fashion-MNIST and carve the splits (raises ``DatasetNotFoundError`` if missing)."""
-    from topkd.data import dataset_info, get_dataset, train_val_split
+def teacher_config(args: argparse.Namespace) -> Any:
+    """The teacher's :class:`~topkd.config.Config` (``topkd train``)."""
+    from topkd.config import load_config
 
-    train = get_dataset("fashion_mnist", root, "train", augment=False)
-    test = get_dataset("fashion_mnist", root, "test", augment=False)
-    info = dataset_info("fashion_mnist")
-    fit, val = train_val_split(train, val_fraction, seed=split_seed)
-    fit_all = np.asarray(fit.indices, dtype=np.int64)
-    rng = np.random.default_rng(split_seed)
+    sub = args.teacher_subset or None
+    return load_config(Path(args.configs_dir) / TEACHER_CONFIG, [
+        *common_overrides(args), f"train.epochs={args.teacher_epochs}",
+        f"data.train_subset={'null' if sub is None else sub}", "seed=0"])
 
-    def sub(idx: np.ndarray, n: int | None) -> np.ndarray:
-        return idx if n is None or n >= len(idx) else np.sort(rng.permutation(idx)[:n])
 
-    fit_idx = sub(fit_all, subset)
-    teacher_idx = sub(fit_all, teacher_subset)
-    val_idx = np.asarray(val.indices, dtype=np.int64)
-    if subset is not None:  # keep val proportionate for tiny runs
-        val_idx = sub(val_idx, max(200, int(subset * val_fraction / (1 - val_fraction))))
-    test_idx = sub(np.arange(len(test.data)), test_subset)
-    tx = torch.from_numpy(np.ascontiguousarray(test.data[test_idx])).unsqueeze(1)
-    vx = torch.from_numpy(np.ascontiguousarray(train.data[val_idx])).unsqueeze(1)
-    return DemoData(
-        train=train, fit_idx=fit_idx, teacher_idx=teacher_idx,
-        val_x=normalise(vx, info.mean, info.std),
-        val_y=torch.as_tensor(np.asarray(train.targets)[val_idx]),
-        test_x=normalise(tx, info.mean, info.std),
-        test_y=torch.as_tensor(np.asarray(test.targets)[test_idx]),
-        mean=tuple(info.mean), std=tuple(info.std),
-    )
+def teacher_key(cfg: Any) -> str:
+    """Hash of the teacher's resolved config (without where it is written)."""
+    d = cfg.to_dict()
+    d.pop("output_dir", None)
+    d.pop("name", None)
+    d["train"].pop("device", None)
+    return _key(d)
+
+
+def method_config(args: argparse.Namespace, method: str, seed: int,
+                  teacher_ckpt: str | None = None, cache: str | None = None) -> Any:
+    """The :class:`~topkd.config.Config` of one demo run (its loss is the config file's)."""
+    from topkd.config import load_config
+
+    sub = args.subset or None
+    ov = [*common_overrides(args), f"train.epochs={args.epochs}", f"seed={seed}",
+          f"data.train_subset={'null' if sub is None else sub}",
+          f"output_dir={Path(args.output_dir) / 'runs'}", f"name={method}"]
+    if method != "ce":
+        if teacher_ckpt is not None:
+            ov.append(f"teacher.checkpoint={teacher_ckpt}")
+        if cache is not None:
+            ov.append(f"train.teacher_cache={cache}")
+    return load_config(Path(args.configs_dir) / METHOD_CONFIGS[method], ov)
 
 
 # --------------------------------------------------------------------------------------------
-# Training primitives
+# Progress
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 1000
-             ) -> tuple[float, torch.Tensor]:
-    """Top-1 accuracy (%) and the logits of ``model`` on pre-normalised ``x``."""
-    model.eval()
-    out = torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
-    return float((out.argmax(1) == y).float().mean() * 100), out
+class _Progress:
+    """One bar over every image of every run on a terminal; plain per-run lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", unit_scale=True, dynamic_ncols=True,
+                            smoothing=0.05)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def stage(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(desc)
+        else:
+            print(f"[demo] {desc} ...", flush=True)
+
+    def log(self, s: str) -> None:
+        if self.bar is not None:
+            self.bar.write(s)
+        else:
+            print(s, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _sgd(model: nn.Module, lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    # configs/base/fashion_mnist.yaml: SGD momentum 0.9, wd 5e-4, cosine (here per step)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    return opt, sched
+# --------------------------------------------------------------------------------------------
+# Teacher and teacher-logit cache
+# --------------------------------------------------------------------------------------------
+def _finished(run_dir: Path, cfg: Any) -> bool:
+    """A finished run of exactly this config (summary.json + the same resolved config.yaml)."""
+    c = run_dir / "config.yaml"
+    return (run_dir / "summary.json").is_file() and c.is_file() and c.read_text() == cfg.to_yaml()
 
 
-def _augmented_batches(data: DemoData, idx: np.ndarray, aug: ReplayableCropFlip,
-                       rng: np.random.Generator, gen: torch.Generator, bs: int
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fresh random views (online augmentation) in shuffled batches."""
-    order = idx[torch.randperm(len(idx), generator=gen).numpy()]
-    for s in range(0, len(order), bs):
-        b = torch.as_tensor(order[s:s + bs])
-        u8 = aug.apply(data.images[b], aug.sample(len(b), rng))
-        yield normalise(u8, data.mean, data.std), data.labels[b]
+def run_engine(cfg: Any, mode: str, run_dir: Path, progress: Callable[[int], None]) -> dict:
+    """One engine run into ``run_dir`` (from scratch), returning its summary."""
+    from topkd.engine import Trainer
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    summary = Trainer(cfg, mode, run_dir, resume=None, progress=progress, quiet=True,
+                      argv=["topkd", "demo"]).fit()
+    return dict(summary or {})
 
 
-def train_teacher(data: DemoData, epochs: int, lr: float = 0.05, bs: int = 128, seed: int = 0,
-                  tick: Callable[[int], None] = lambda n: None) -> nn.Module:
-    """Train ``fmnist_cnn_teacher`` with cross-entropy and crop/flip augmentation."""
-    from topkd.models import create_model
+def get_teacher(args: argparse.Namespace, cache_dir: Path, prog: _Progress
+                ) -> tuple[Any, Path, dict[str, Any]]:
+    """Train the teacher with the engine, or reuse the run cached under its config hash.
 
-    torch.manual_seed(seed)
-    model = create_model(TEACHER, 10)
-    steps = epochs * math.ceil(len(data.teacher_idx) / bs)
-    opt, sched = _sgd(model, lr, steps)
-    aug, rng = ReplayableCropFlip(padding=2), np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for x, y in _augmented_batches(data, data.teacher_idx, aug, rng, gen, bs):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tick(len(y))
-    return model.eval()
+    Returns ``(config, checkpoint best.pt, summary)``.
+    """
+    cfg = teacher_config(args)
+    run_dir = cache_dir / f"teacher-{teacher_key(cfg)}"
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    if not args.retrain_teacher and (run_dir / "summary.json").is_file() and ckpt.is_file():
+        prog.log(f"[demo] reusing cached teacher {run_dir}")
+        prog.update(_teacher_images(cfg))
+    else:
+        prog.stage(f"teacher {TEACHER}")
+        run_engine(cfg, "train", run_dir, prog.update)
+    return cfg, ckpt, json.loads((run_dir / "summary.json").read_text())
 
 
-def make_criterion(spec: dict[str, Any]) -> nn.Module:
-    """``topkd.losses.DistillationLoss`` for a LossSpec dict."""
-    from topkd.losses import DistillationLoss, LossSpec
+def _n_train(cfg: Any) -> int:
+    from topkd.engine.data import build_datasets
 
-    return DistillationLoss(LossSpec.from_dict(dict(spec)))
+    return len(build_datasets(cfg).train)  # type: ignore[arg-type]
 
 
+def _teacher_images(cfg: Any) -> int:
+    return _n_train(cfg) * cfg.train.epochs
+
+
+def get_logit_cache(args: argparse.Namespace, student_cfg: Any, ckpt: Path, cache_dir: Path,
+                    prog: _Progress) -> Path:
+    """Build (or reuse) the teacher-logit cache of the students' training images."""
+    from topkd.cache import build_cache
+    from topkd.checkpoints import load_teacher, sha256_file
+    from topkd.engine.data import build_datasets
+
+    d = student_cfg.data
+    key = _key({"teacher": sha256_file(ckpt), "root": d.root, "val_fraction": d.val_fraction,
+                "val_seed": d.val_seed, "train_subset": d.train_subset, "views": args.views,
+                "topk": args.topk})
+    path = cache_dir / f"logits-{key}"
+    if (path / "header.json").is_file():
+        prog.log(f"[demo] reusing teacher-logit cache {path}")
+        return path
+    prog.stage("teacher-logit cache")
+    train = build_datasets(student_cfg).train
+    teacher = load_teacher(TEACHER, 10, ckpt, verbose=False).eval()
+    build_cache(teacher, train, path, views=args.views, topk=args.topk, batch_size=1000,
+                progress=False, seed=0, teacher_name=TEACHER, checkpoint=ckpt,
+                dataset_name=d.name)
+    prog.update(args.views * len(train))  # type: ignore[arg-type]
+    return path
+
+
+def teacher_test_logits(cfg: Any, ckpt: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits and labels on the test split (for the TSM picture)."""
+    from torch.utils.data import DataLoader
+
+    from topkd.checkpoints import load_teacher
+    from topkd.engine.data import build_datasets
+
+    teacher = load_teacher(TEACHER, 10, ckpt, verbose=False).eval()
+    outs, ys = [], []
+    with torch.inference_mode():
+        for x, y in DataLoader(build_datasets(cfg).test, batch_size=1000):
+            outs.append(teacher(x))
+            ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+# --------------------------------------------------------------------------------------------
+# Results (read back from the run directories)
+# --------------------------------------------------------------------------------------------
 @dataclass
 class RunResult:
-    """One student run: per-epoch history and the selected figures."""
+    """One run directory as the plots want it: per-epoch history and its summary."""
 
     method: str
     seed: int
-    history: list[dict[str, float]]
-    best_val_acc1: float
-    best_val_epoch: int
-    test_acc1_at_best_val: float
-    last_test_acc1: float
-    epoch_time_s: float            # mean training time per epoch (no evaluation)
+    run_dir: str
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
 
 
-def train_student(
-    spec: dict[str, Any],
-    data: DemoData,
-    epochs: int,
-    seed: int,
-    *,
-    cached: CachedLogitDataset | None = None,
-    teacher: nn.Module | None = None,
-    lr: float = 0.05,
-    bs: int = 128,
-    method: str = "",
-    tick: Callable[[int], None] = lambda n: None,
-    max_steps: int | None = None,
-    test_every_epoch: bool = False,
-    view_seed: int | None = None,
-) -> RunResult:
-    """Distil ``fmnist_cnn_student`` with ``spec`` for ``epochs``; teacher logits from ``cached``
-    (offline, preferred) or from a ``teacher`` forward per batch (online); neither for CE.
+def read_result(method: str, seed: int, run_dir: Path) -> RunResult:
+    from topkd.engine.summary import read_summary
+    from topkd.report import read_metrics
 
-    Validation and test accuracy are measured after every epoch; the reported test accuracy
-    is the one at the best-validation epoch (and at the last epoch); other epochs' test accuracy
-    is only computed with ``test_every_epoch`` (else NaN in the history). ``view_seed`` seeds
-    which cached view each sample gets per epoch (default: ``seed``, so seeds vary the views).
-    """
-    from topkd.models import create_model
-
-    torch.manual_seed(seed)
-    model = create_model(STUDENT, 10)
-    crit = make_criterion(spec)
-    needs_teacher = spec.get("base", "none") != "none" or any(
-        float(spec.get(k, 0) or 0) > 0 for k in ("tdl_weight", "con_weight"))
-    n = len(cached) if cached is not None else len(data.fit_idx)
-    per_epoch = math.ceil(n / bs) if max_steps is None else min(max_steps, math.ceil(n / bs))
-    opt, sched = _sgd(model, lr, epochs * per_epoch)
-    gen = torch.Generator().manual_seed(seed)
-    aug = cached.cache.augment if cached is not None else ReplayableCropFlip(padding=2)
-    if cached is not None:
-        cached.seed = seed if view_seed is None else view_seed
-    history: list[dict[str, float]] = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        tot, cnt, terms_sum = 0.0, 0, {}
-        if cached is not None:
-            cached.set_epoch(epoch)
-            batches: Iterator[Any] = cached.iter_batches(bs, shuffle=True, generator=gen)
-        else:
-            rng = np.random.default_rng([seed, epoch])
-            assert aug is not None
-            batches = ((x, y, None) for x, y in
-                       _augmented_batches(data, data.fit_idx, aug, rng, gen, bs))
-        for step, (x, y, t) in enumerate(batches):
-            if max_steps is not None and step >= max_steps:
-                break
-            if needs_teacher and t is None:
-                if teacher is None:
-                    raise ValueError(f"method {method!r} needs a teacher or a logit cache")
-                with torch.no_grad():
-                    t = teacher(x)
-            s = model(x)
-            loss, terms = crit(s, t if needs_teacher else None, y, epoch=epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(y)
-            cnt += len(y)
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v) * len(y)
-            tick(len(y))
-        dt = time.perf_counter() - t0
-        val_acc, _ = evaluate(model, data.val_x, data.val_y)
-        # the test set is only needed at the best-so-far and last epochs (saves ~40% of eval)
-        best_so_far = all(val_acc >= r["val_acc1"] for r in history)
-        test_acc = (evaluate(model, data.test_x, data.test_y)[0]
-                    if test_every_epoch or best_so_far or epoch == epochs else float("nan"))
-        row = {"epoch": epoch, "train_loss": tot / max(cnt, 1), "val_acc1": val_acc,
-               "test_acc1": test_acc, "epoch_time_s": dt, "images_per_s": cnt / max(dt, 1e-9)}
-        row.update({f"train_{k}": v / max(cnt, 1) for k, v in terms_sum.items()})
-        history.append(row)
-    best = max(history, key=lambda r: (r["val_acc1"], r["epoch"]))  # ties -> later epoch
-    return RunResult(
-        method=method, seed=seed, history=history, best_val_acc1=best["val_acc1"],
-        best_val_epoch=int(best["epoch"]), test_acc1_at_best_val=best["test_acc1"],
-        last_test_acc1=history[-1]["test_acc1"],
-        epoch_time_s=float(np.mean([r["epoch_time_s"] for r in history])),
-    )
+    return RunResult(method, seed, str(run_dir), read_metrics(run_dir / "metrics.csv"),
+                     read_summary(run_dir))
 
 
-# --------------------------------------------------------------------------------------------
-# Caching of the teacher and of its logits
-# --------------------------------------------------------------------------------------------
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def get_teacher(data: DemoData, epochs: int, cache_dir: Path, lr: float = 0.05, seed: int = 0,
-                tick: Callable[[int], None] = lambda n: None, force: bool = False,
-                log: Callable[[str], None] = print) -> tuple[nn.Module, Path, float]:
-    """Train the teacher or reuse the one cached under the hash of its recipe.
-
-    Returns ``(teacher, checkpoint_path, test_acc1)``.
-    """
-    from topkd.models import create_model
-
-    recipe = {"model": TEACHER, "epochs": epochs, "lr": lr, "bs": 128, "seed": seed,
-              "aug": "crop_flip(2)", "data": hashlib.sha256(data.teacher_idx.tobytes())
-              .hexdigest()[:16], "n_train": len(data.train.data), "recipe": "demo-teacher/1"}
-    ck = cache_dir / f"teacher-{_key(recipe)}.pt"
-    if ck.is_file() and not force:
-        model = create_model(TEACHER, 10)
-        model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=True))
-        log(f"[demo] reusing cached teacher {ck}")
-    else:
-        model = train_teacher(data, epochs, lr=lr, seed=seed, tick=tick)
-        ck.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ck.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, ck)  # atomic: an interrupted run never leaves a half checkpoint
-        (ck.with_suffix(".json")).write_text(json.dumps(recipe, indent=2))
-    acc, _ = evaluate(model.eval(), data.test_x, data.test_y)
-    return model.eval(), ck, acc
-
-
-def get_logit_cache(teacher: nn.Module, ckpt: Path, data: DemoData, cache_dir: Path, views: int,
-                    topk: int | None, seed: int = 0, progress: bool = False,
-                    log: Callable[[str], None] = print) -> CachedLogitDataset:
-    """Build (or reuse) the teacher-logit cache of the student's training images."""
-    from torch.utils.data import Subset
-
-    key = _key({"teacher": ckpt.name, "fit": data.fingerprint(), "views": views, "topk": topk,
-                "seed": seed})
-    path = cache_dir / f"logits-{key}"
-    fit = Subset(data.train, data.fit_idx.tolist())
-    if not (path / "header.json").is_file():
-        build_cache(teacher, fit, path, views=views, topk=topk, batch_size=500,
-                    progress=progress, augment=ReplayableCropFlip(padding=2), seed=seed,
-                    teacher_name=TEACHER, checkpoint=ckpt, dataset_name="fashion_mnist",
-                    mean=data.mean, std=data.std)
-    else:
-        log(f"[demo] reusing teacher-logit cache {path}")
-    return wrap_dataset(fit, path, seed=seed, teacher_name=TEACHER, checkpoint=ckpt,
-                        dataset_name="fashion_mnist")
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
 def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Per method: mean/std over seeds of test@best-val, last test, best val, epoch time."""
+    """Per method: mean/std over seeds (``topkd.engine.summary.aggregate_runs``) + s/epoch."""
+    from topkd.engine.summary import aggregate_runs
+
     rows = []
     for m in dict.fromkeys(r.method for r in results):
         rs = [r for r in results if r.method == m]
-
-        def ms(vals: list[float]) -> tuple[float, float]:
-            a = np.asarray(vals, dtype=float)
-            return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-        b, bs_ = ms([r.test_acc1_at_best_val for r in rs])
-        last, ls_ = ms([r.last_test_acc1 for r in rs])
-        v, vs = ms([r.best_val_acc1 for r in rs])
-        rows.append({"method": m, "label": LABELS.get(m, m), "seeds": len(rs),
-                     "test_at_best_val": b, "test_at_best_val_std": bs_,
-                     "last_test": last, "last_test_std": ls_, "best_val": v, "best_val_std": vs,
-                     "epoch_time_s": float(np.mean([r.epoch_time_s for r in rs]))})
+        (agg,) = aggregate_runs([r.run_dir for r in rs])
+        times = [float(h["epoch_time_s"]) for r in rs for h in r.history
+                 if h.get("epoch_time_s") is not None]
+        rows.append({"method": m, "label": LABELS.get(m, m), "seeds": agg["n"],
+                     "test_at_best_val": agg["test_acc1_at_best_val_mean"],
+                     "test_at_best_val_std": agg["test_acc1_at_best_val_std"],
+                     "last_test": agg["last_test_acc1_mean"],
+                     "last_test_std": agg["last_test_acc1_std"],
+                     "best_val": agg["best_val_acc1_mean"],
+                     "best_val_std": agg["best_val_acc1_std"],
+                     "epoch_time_s": float(np.mean(times)) if times else float("nan")})
     return rows
 
 
@@ -420,31 +313,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``topkd demo``."""
     parser.description = (
         "Train a Fashion-MNIST teacher (cached), distil a small student with CE only, KD, DKD, "
-        "KD+LS, KD+TSM+TDL and TopKD, print a results table and write plots. Defaults fit in "
-        "about 10 minutes on 2 CPU cores.")
-    g = parser.add_argument_group("schedule")
+        "KD+LS, KD+TSM+TDL and TopKD with the engine and the configs in configs/fashion_mnist/ "
+        "(the same runs as `topkd train`/`topkd distill`), print a results table and write "
+        "plots. Defaults fit in about 10 minutes on 2 CPU cores.")
+    g = parser.add_argument_group("schedule (overrides of the configs)")
     g.add_argument("--epochs", type=int, default=5, help="student epochs per method (default 5)")
     g.add_argument("--teacher-epochs", type=int, default=3,
-                   help="teacher epochs (default 3; the trained teacher is cached by recipe)")
+                   help="teacher epochs (default 3; the trained teacher is cached by config)")
     g.add_argument("--seeds", type=_int_list, default=[0],
                    help="student seeds, e.g. '0' or '0,1,2' (default 0)")
     g.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default all)")
-    g.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (cosine schedule)")
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=None,
+                   help="optim.lr (default: the config's, 0.05 with a cosine schedule)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="data.batch_size (default: the config's, 128)")
+    g.add_argument("--device", default=None, help="train.device (default: the config's, auto)")
     d = parser.add_argument_group("data")
     d.add_argument("--data-root", default=None,
-                   help="folder with the Fashion-MNIST IDX files "
-                        "(default /usr/share/datasets/fashion-mnist)")
+                   help="folder with the Fashion-MNIST IDX files (data.root; default "
+                        "/usr/share/datasets/fashion-mnist)")
     d.add_argument("--subset", type=int, default=20000,
-                   help="student training images (of the 54000 after the val split; "
-                        "0 = all; default 20000)")
+                   help="student training images (data.train_subset, of the 54000 after the "
+                        "val split; 0 = all; default 20000)")
     d.add_argument("--teacher-subset", type=int, default=30000,
                    help="teacher training images (0 = all 54000; default 30000)")
-    d.add_argument("--test-subset", type=int, default=0,
-                   help="evaluate on this many test images (0 = all 10000)")
     d.add_argument("--val-fraction", type=float, default=0.1,
                    help="held-out validation share of the training set (best-epoch selection)")
+    d.add_argument("--eval-batch-size", type=int, default=1000,
+                   help="data.eval_batch_size (default 1000)")
+    d.add_argument("--configs-dir", default=str(DEFAULT_CONFIG_DIR),
+                   help="the repository's configs/ directory (default: next to the package)")
     c = parser.add_argument_group("teacher-logit cache")
     c.add_argument("--views", type=int, default=4,
                    help="augmented views per image stored in the teacher-logit cache (default 4)")
@@ -453,9 +352,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--no-cache", action="store_true",
                    help="online teacher forward every batch instead of the logit cache")
     o = parser.add_argument_group("output")
-    o.add_argument("--output-dir", default="demo_out", help="results, plots (default demo_out)")
+    o.add_argument("--output-dir", default="demo_out",
+                   help="runs (OUTPUT_DIR/runs/<method>/seed_<s>), results, plots "
+                        "(default demo_out)")
     o.add_argument("--cache-dir", default=None,
-                   help="teacher checkpoints and logit caches (default OUTPUT_DIR/cache)")
+                   help="teacher runs and logit caches (default OUTPUT_DIR/cache)")
     o.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
     o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -464,7 +365,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns a process exit code."""
+    from topkd.config import ConfigError
     from topkd.data import DatasetNotFoundError
+    from topkd.engine.summary import write_seed_summary
 
     t_start = time.perf_counter()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -473,64 +376,81 @@ def run(args: argparse.Namespace) -> int:
         print(f"topkd demo: unknown method(s) {unknown}; choose from {list(METHODS)}",
               file=sys.stderr)
         return 2
+    if not (Path(args.configs_dir) / TEACHER_CONFIG).is_file():
+        print(f"topkd demo: configs not found under {args.configs_dir} (run from a checkout of "
+              "the repository or pass --configs-dir)", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
+    distilling = [m for m in methods if m != "ce"]
     try:
-        data = load_data(args.data_root, args.val_fraction, args.subset or None,
-                         args.teacher_subset or None, args.test_subset or None)
+        t_cfg = teacher_config(args)
+        probe = method_config(args, methods[0], args.seeds[0])
+        n_fit, n_teacher = _n_train(probe), _n_train(t_cfg)
     except DatasetNotFoundError as e:
         print(f"topkd demo: {e}\n\n{INSTALL_HINT}", file=sys.stderr)
         return 2
+    except ConfigError as e:
+        print(f"topkd demo: {e}", file=sys.stderr)
+        return 2
 
-    n_fit = len(data.fit_idx)
-    distilling = [m for m in methods if m != "ce"]
     total = n_fit * args.epochs * len(methods) * len(args.seeds)
-    total += args.teacher_epochs * len(data.teacher_idx)
+    total += args.teacher_epochs * n_teacher
     if distilling and not args.no_cache:
         total += args.views * n_fit
-    bar = _bar(total, not args.no_progress)
-    log = bar.write if hasattr(bar, "write") else print
-    log(f"[demo] Fashion-MNIST: {n_fit} student / {len(data.teacher_idx)} teacher training "
-        f"images, {len(data.val_y)} val, {len(data.test_y)} test; torch threads "
-        f"{torch.get_num_threads()}")
+    prog = _Progress(total, not args.no_progress)
+    log = prog.log
+    log(f"[demo] Fashion-MNIST: {n_fit} student / {n_teacher} teacher training images, "
+        f"val fraction {args.val_fraction}; torch threads {torch.get_num_threads()}; "
+        f"configs {args.configs_dir}; overrides {' '.join(common_overrides(args))}")
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    bar.set_description("teacher")
-    teacher, ckpt, teacher_acc = get_teacher(
-        data, args.teacher_epochs, cache_dir, lr=args.lr, tick=bar.update,
-        force=args.retrain_teacher, log=log)
+    t_cfg, ckpt, t_sum = get_teacher(args, cache_dir, prog)
+    teacher_acc = float(t_sum["test_acc1_at_best_val"] if t_sum.get("test_acc1_at_best_val")
+                        is not None else t_sum["last_test_acc1"])
     timings["teacher_s"] = time.perf_counter() - t0
-    log(f"[demo] teacher {TEACHER}: test top-1 {teacher_acc:.2f}% ({timings['teacher_s']:.0f} s)")
+    log(f"[demo] teacher {TEACHER}: test top-1 {teacher_acc:.2f}% at best val "
+        f"(epoch {t_sum.get('best_val_epoch')}; {timings['teacher_s']:.0f} s; {ckpt})")
 
-    cached = None
+    cache = None
     if distilling and not args.no_cache:
         t0 = time.perf_counter()
-        bar.set_description("teacher-logit cache")
-        cached = get_logit_cache(teacher, ckpt, data, cache_dir, args.views, args.topk,
-                                 progress=False, log=log)
-        bar.update(args.views * n_fit)
+        cache = get_logit_cache(args, method_config(args, distilling[0], args.seeds[0],
+                                                    str(ckpt)), ckpt, cache_dir, prog)
         timings["cache_s"] = time.perf_counter() - t0
         log(f"[demo] teacher-logit cache: {args.views} views x {n_fit} images "
-            f"({timings['cache_s']:.0f} s, {cached.cache.disk_bytes() / 2**20:.1f} MiB)")
+            f"({timings['cache_s']:.0f} s; {cache})")
 
     results: list[RunResult] = []
+    specs: dict[str, Any] = {}
     t0 = time.perf_counter()
     for m in methods:
+        dirs = []
         for seed in args.seeds:
-            bar.set_description(f"{LABELS[m]} seed {seed}")
-            r = train_student(METHODS[m], data, args.epochs, seed, cached=cached,
-                              teacher=teacher, lr=args.lr, bs=args.batch_size, method=m,
-                              tick=bar.update)
+            cfg = method_config(args, m, seed, str(ckpt), None if cache is None else str(cache))
+            specs[m] = {"config": str(Path(args.configs_dir) / METHOD_CONFIGS[m]),
+                        "loss": cfg.to_dict()["loss"]}
+            run_dir = out / "runs" / m / f"seed_{seed}"
+            prog.stage(f"{LABELS[m]} seed {seed}")
+            if _finished(run_dir, cfg):
+                log(f"[demo] reusing finished run {run_dir}")
+                prog.update(n_fit * args.epochs)
+            else:
+                run_engine(cfg, "train" if m == "ce" else "distill", run_dir, prog.update)
+            r = read_result(m, seed, run_dir)
             results.append(r)
-            log(f"[demo] {LABELS[m]:<11} seed {seed}: test {r.test_acc1_at_best_val:.2f}% at "
-                f"best val (epoch {r.best_val_epoch}), last {r.last_test_acc1:.2f}%, "
-                f"{r.epoch_time_s:.1f} s/epoch")
+            dirs.append(run_dir)
+            s = r.summary
+            log(f"[demo] {LABELS[m]:<11} seed {seed}: test {s['test_acc1_at_best_val']:.2f}% at "
+                f"best val (epoch {s['best_val_epoch']}), last {s['last_test_acc1']:.2f}% "
+                f"({run_dir})")
+        write_seed_summary(out / "runs" / m, dirs)
     timings["students_s"] = time.perf_counter() - t0
-    bar.close()
+    prog.close()
 
     rows = summarise(results)
     table = format_table(rows, teacher_acc)
@@ -539,65 +459,30 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plots:
         from topkd import plots as P
 
-        _, t_logits = evaluate(teacher, data.test_x, data.test_y)
+        t_logits, t_y = teacher_test_logits(t_cfg, ckpt)
+        loss = method_config(args, "topkd", 0).loss  # TSM's settings: the TopKD config's
         plots = [
             P.accuracy_bars(rows, out / "accuracy.png", teacher_acc=teacher_acc),
             P.training_curves(results, out / "curves.png", labels=LABELS),
-            P.tsm_effect(t_logits, data.test_y, out / "tsm.png", k=int(_TSM["k"]),
-                         gamma=float(_TSM["gamma"]), lam=float(_TSM["lam"]),
-                         class_names=FMNIST_CLASSES),
+            P.tsm_effect(t_logits, t_y, out / "tsm.png", k=int(loss.k), gamma=float(loss.gamma),
+                         lam=float(loss.lam), class_names=FMNIST_CLASSES),
         ]
     timings["total_s"] = time.perf_counter() - t_start
-    payload = {"teacher": {"name": TEACHER, "checkpoint": str(ckpt), "test_acc1": teacher_acc},
+    payload = {"teacher": {"name": TEACHER, "checkpoint": str(ckpt), "test_acc1": teacher_acc,
+                           "run_dir": str(ckpt.parents[1]), "config": TEACHER_CONFIG},
                "args": {k: v for k, v in vars(args).items() if not callable(v)},
-               "methods": {m: METHODS[m] for m in methods}, "summary": rows,
-               "runs": [asdict(r) for r in results], "timings": timings}
+               "overrides": common_overrides(args), "methods": specs, "summary": rows,
+               "runs": [{"method": r.method, "seed": r.seed, "run_dir": r.run_dir,
+                         "summary": r.summary} for r in results],
+               "timings": timings}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     (out / "results.md").write_text(
         f"# topkd demo results\n\nFashion-MNIST, {TEACHER} -> {STUDENT}, {args.epochs} student "
-        f"epochs on {n_fit} images, seeds {args.seeds}.\n\n{table}\n")
+        f"epochs on {n_fit} images, seeds {args.seeds}; runs in {out / 'runs'}.\n\n{table}\n")
     print(f"[demo] wrote {out / 'results.md'}, {out / 'results.json'}"
           + "".join(f", {p}" for p in plots))
     print(f"[demo] done in {timings['total_s']:.0f} s")
     return 0
-
-
-class _PlainBar:
-    def __init__(self, total: int) -> None:
-        self.total, self.n, self.desc, self.last = total, 0, "", 0.0
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if time.perf_counter() - self.last > 5:
-            self.last = time.perf_counter()
-            print(f"[demo] {self.desc} {100 * self.n / max(self.total, 1):.0f}%", flush=True)
-
-    def set_description(self, d: str) -> None:
-        self.desc = d
-
-    def write(self, s: str) -> None:
-        print(s, flush=True)
-
-    def close(self) -> None: ...
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, unit="img", unit_scale=True, dynamic_ncols=True,
-                        smoothing=0.05)
-        except ImportError:  # pragma: no cover
-            pass
-    return _PlainBar(total) if enabled else _Silent()
-
-
-class _Silent(_PlainBar):
-    def __init__(self) -> None:
-        super().__init__(0)
-
-    def update(self, n: int = 1) -> None: ...
 
 
 def main(argv: Sequence[str] | None = None) -> int:

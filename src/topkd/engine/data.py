@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from topkd.config import Config, ConfigError
 from topkd.utils.dist import DistInfo
@@ -36,7 +36,21 @@ def build_datasets(cfg: Config) -> Datasets:
     val = None
     if d.val_fraction > 0:
         train, val = train_val_split(train, d.val_fraction, seed=d.val_seed)
+    if d.train_subset is not None and d.train_subset < len(train):  # type: ignore[arg-type]
+        train = train_subset(train, d.train_subset, seed=d.val_seed)
     return Datasets(train, val, test, int(info.num_classes))
+
+
+def train_subset(ds: Dataset, n: int, seed: int = 0) -> Subset:
+    """A fixed random subset of ``n`` samples of ``ds`` (sorted positions, a function of ``seed``).
+
+    ``ds`` may itself be a ``Subset`` (e.g. after the val split): the result is then a nested
+    ``Subset``, which the teacher-logit cache accepts.
+    """
+    import numpy as np
+
+    pos = np.sort(np.random.default_rng([seed, n]).permutation(len(ds))[:n])  # type: ignore[arg-type]
+    return Subset(ds, pos.tolist())
 
 
 class ShardSampler(Sampler[int]):

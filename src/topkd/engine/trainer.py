@@ -15,6 +15,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,19 @@ class Trainer:
         run_dir: where to write (default ``cfg.output_dir / cfg.name``).
         resume: ``None``, ``"auto"`` (``run_dir/checkpoints/last.pt`` if present) or a path;
             default ``cfg.train.resume``.
+        progress: called with the number of images after every training step (e.g. to drive
+            an outer progress bar over several runs, as ``topkd demo`` does).
+        quiet: no per-epoch progress bar and no per-epoch log line (files are written as usual).
     """
 
     def __init__(self, cfg: Config, mode: str = "distill", run_dir: str | Path | None = None,
                  *, resume: str | None = None, dist: DistInfo | None = None,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None,
+                 progress: Callable[[int], None] | None = None, quiet: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.cfg, self.mode, self.argv = cfg, mode, argv
+        self.progress, self.quiet = progress, quiet
         self.dist = dist or init_distributed(cfg.train.device)
         self.device = self.dist.device
         self.is_main = self.dist.is_main
@@ -299,7 +305,7 @@ class Trainer:
         if self.uses_cache:
             self.train_ds.set_epoch(epoch)  # type: ignore[attr-defined]
         steps, log_every = self.steps_per_epoch, cfg.train.log_every
-        show = self.is_main and sys.stderr.isatty()
+        show = self.is_main and not self.quiet and sys.stderr.isatty()
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
         keys: list[str] = []  # tensor-valued loss terms, fixed at the first step
@@ -349,6 +355,8 @@ class Trainer:
             n_seen += n
             self.global_step += 1
             bar.update(1)
+            if self.progress is not None:
+                self.progress(n)
             if self.global_step % log_every == 0 or step == steps - 1:
                 self._check_finite(bad_step, bad_vals, keys, epoch)
                 if show:
@@ -462,6 +470,8 @@ class Trainer:
                     self._tb.add_scalar(tag, float(v), epoch)
             self._tb.flush()
         self._save_checkpoint(epoch, improved, row)
+        if self.quiet:
+            return
         vtxt = f" val@1 {val['acc1']:.2f}" if val is not None else ""
         print(f"[{self.cfg.name} seed {self.cfg.seed}] epoch {epoch}/{self.cfg.train.epochs} "
               f"lr {stats['lr']:.4g} loss {stats['train_loss']:.4f} train@1 "
