@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,3 +52,27 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.avg_pool2d(x, kernel_size=x.shape[-2:])
+
+
+def init_weights_(model: nn.Module, *, linear_std: float | None = None,
+                  zero_linear_bias: bool = False) -> None:
+    """The initialisation of the field's CIFAR models (RepDistiller/mdistiller), in one place.
+
+    Conv weights ``~ N(0, 2 / fan_out)`` (He, fan-out; conv biases 0), BatchNorm weight 1 and
+    bias 0. Linear layers keep PyTorch's default unless ``linear_std`` is given (weights
+    ``~ N(0, linear_std)``, bias 0) or ``zero_linear_bias`` is set: the references differ there.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            if linear_std is not None or zero_linear_bias:
+                nn.init.zeros_(m.bias)

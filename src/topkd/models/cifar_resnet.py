@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._base import ClassifierModel, global_pool, init_weights_
 from topkd.models._factory import register_model
 
 
@@ -74,12 +74,7 @@ class CifarResNet(ClassifierModel):
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
         self.feature_dim = num_filters[3] * BasicBlock.expansion
         self.fc = nn.Linear(self.feature_dim, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights_(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

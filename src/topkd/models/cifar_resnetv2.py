@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topkd.models._base import ClassifierModel, adaptive_global_pool
+from topkd.models._base import ClassifierModel, adaptive_global_pool, init_weights_
 from topkd.models._factory import register_model
 
 
@@ -87,12 +87,7 @@ class CifarResNetV2(ClassifierModel):
         self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
         self.feature_dim = 512 * block.expansion
         self.linear = nn.Linear(self.feature_dim, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights_(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, BottleneckV2):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._base import ClassifierModel, global_pool, init_weights_
 from topkd.models._factory import register_model
 
 
@@ -53,9 +53,7 @@ class SmallCNN(ClassifierModel):
         self.drop = nn.Dropout(drop_rate)
         self.feature_dim = cin
         self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_weights_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return global_pool(self.features(x))

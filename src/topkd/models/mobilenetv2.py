@@ -6,12 +6,10 @@ Module names (``conv1.{0,1}``, ``blocks.{s}.{i}.conv.{0..7}``, ``conv2.{0,1}``,
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from topkd.models._base import ClassifierModel, global_pool
+from topkd.models._base import ClassifierModel, global_pool, init_weights_
 from topkd.models._factory import register_model
 
 
@@ -88,16 +86,7 @@ class MobileNetV2(ClassifierModel):
         self.conv2 = _conv_bn_relu(cin, self.last_channel, 1, 1)
         self.feature_dim = self.last_channel
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_(self, linear_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

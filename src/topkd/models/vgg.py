@@ -7,14 +7,13 @@ single ``classifier`` Linear(512, C), as in RepDistiller/mdistiller.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topkd.models._base import ClassifierModel, adaptive_global_pool
+from topkd.models._base import ClassifierModel, adaptive_global_pool, init_weights_
 from topkd.models._factory import register_model
 
 CFGS: dict[str, list[list[int]]] = {
@@ -69,18 +68,7 @@ class VGG(ClassifierModel):
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.feature_dim = cfg[4][-1]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_(self, linear_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]
