@@ -150,6 +150,27 @@ def test_non_finite_loss_stops_and_keeps_last_pt(tmp_path):
     assert not (cfg.run_dir / "summary.json").exists()
 
 
+def test_diverged_logits_are_caught_on_device_without_per_step_sync(tmp_path):
+    """NaN *logits* (diverged weights) are caught by the engine's on-device tracking, which is
+    why the engine builds its criterion with validate=False (no host sync per step)."""
+    cfg = tiny_config(tmp_path, train={"epochs": 3, "log_every": 50})
+    tr = Trainer(cfg, "train")
+    assert tr.criterion.validate is False
+    calls = {"n": 0}
+
+    def poison_logits(module, inputs, out):
+        if not module.training:  # evaluation forwards do not count as steps
+            return out
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 3 else out  # global step 3 = epoch 2
+
+    tr.model.register_forward_hook(poison_logits)
+    with pytest.raises(NonFiniteLossError, match=r"global step 3 \(epoch 2\): total=nan"):
+        tr.fit()
+    ck = torch.load(cfg.run_dir / "checkpoints/last.pt", weights_only=True)
+    assert ck["epoch"] == 1
+
+
 def test_lr_schedule():
     ms = LRSchedule(SchedConfig(name="multistep", milestones=[2, 3], gamma=0.1), 1.0, 4, 10)
     assert [ms(e, 5) for e in range(4)] == pytest.approx([1, 1, 0.1, 0.01])

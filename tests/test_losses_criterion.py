@@ -273,3 +273,15 @@ def test_criterion_half_inputs_and_autocast():
         a, _ = DistillationLoss("topkd")(s.float(), t.float(), y, epoch=30)
     b, _ = DistillationLoss("topkd")(s.float(), t.float(), y, epoch=30)
     close(a, b, 1e-6)
+
+
+def test_criterion_validate_flag_skips_value_checks_only():
+    s = torch.randn(4, 10)
+    s[1, 2] = float("nan")
+    t, y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="non-finite"):
+        DistillationLoss("kd")(s, t, y)
+    total, _ = DistillationLoss("kd", validate=False)(s, t, y)
+    assert torch.isnan(total)
+    with pytest.raises(ValueError, match="same shape"):  # shapes are still checked
+        DistillationLoss("kd", validate=False)(s, t[:, :9], y)

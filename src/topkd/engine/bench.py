@@ -51,7 +51,7 @@ def build_step_trainer(teacher: str, student: str, loss: str = "kd", num_classes
     tr.__dict__.update(
         cfg=cfg, device=dev, model=s, teacher=torch.compile(t) if compile and t else t,
         train_model=torch.compile(s) if compile else s,
-        criterion=DistillationLoss(cfg.loss).to(dev),
+        criterion=DistillationLoss(cfg.loss, validate=False).to(dev),  # as Trainer
         optimizer=build_optimizer(cfg.optim, s.parameters()), amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler(dev.type, enabled=amp_dtype is torch.float16),
         dist=SimpleNamespace(rank=0, world_size=1, distributed=False, is_main=True))

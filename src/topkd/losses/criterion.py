@@ -192,11 +192,14 @@ class DistillationLoss(nn.Module):
     but before ``base_weight`` and warm-up —, ``"topkd_con"``/``"topkd_tdl"`` for TopKD's two
     parts, ``"tdl"``/``"con"`` for the extra terms), the ``"warmup"`` factor, and
     ``"tsm_corrected"`` (fraction of rows whose label TSM raised) whenever TSM runs.
-    Inputs are validated once per call (one host sync).
+    Inputs are validated once per call (one host sync); ``validate=False`` skips the NaN/inf
+    and label-range checks (shapes are still checked) for loops that watch the loss themselves.
     """
 
-    def __init__(self, spec: LossSpec | Mapping[str, Any] | str | None = None) -> None:
+    def __init__(self, spec: LossSpec | Mapping[str, Any] | str | None = None, *,
+                 validate: bool = True) -> None:
         super().__init__()
+        self.validate = validate
         if spec is None:
             spec = LossSpec()
         elif isinstance(spec, str):
@@ -228,7 +231,8 @@ class DistillationLoss(nn.Module):
             )
         t_in = teacher_logits if sp.has_distillation else None
         ii = sp.ignore_index
-        rows = prepare(fn, student_logits, t_in, labels, ignore_index=ii, need_labels=True)
+        rows = prepare(fn, student_logits, t_in, labels, ignore_index=ii, need_labels=True,
+                       validate=self.validate)
         C = rows.s.shape[-1]
         s = as_compute(rows.s)
         # integer labels with the ignore markers restored (the functionals re-derive `keep`)
