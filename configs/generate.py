@@ -69,15 +69,15 @@ LIGHT = "cifar100_lightstudent.yaml"
 
 CIFAR_PAIRS: tuple[Pair, ...] = (
     Pair("res56_res20", "resnet56", "resnet20", cifar_ckpt("resnet56"), C100, SAME, 2.0),
-    Pair("res110_res32", "resnet110", "resnet32", cifar_ckpt("resnet110"), C100, SAME),
+    Pair("res110_res32", "resnet110", "resnet32", cifar_ckpt("resnet110"), C100, SAME, 2.0),
     Pair("res32x4_res8x4", "resnet32x4", "resnet8x4", cifar_ckpt("resnet32x4"), C100, SAME),
     Pair("wrn40_2_wrn16_2", "wrn_40_2", "wrn_16_2", cifar_ckpt("wrn_40_2"), C100, SAME, 6.0),
-    Pair("wrn40_2_wrn40_1", "wrn_40_2", "wrn_40_1", cifar_ckpt("wrn_40_2"), C100, SAME),
+    Pair("wrn40_2_wrn40_1", "wrn_40_2", "wrn_40_1", cifar_ckpt("wrn_40_2"), C100, SAME, 6.0),
     Pair("vgg13_vgg8", "vgg13", "vgg8", cifar_ckpt("vgg13"), C100, SAME, 6.0),
     Pair("res32x4_shuv1", "resnet32x4", "shufflev1", cifar_ckpt("resnet32x4"), LIGHT, CROSS),
     Pair("res32x4_shuv2", "resnet32x4", "shufflev2", cifar_ckpt("resnet32x4"), LIGHT, CROSS),
     Pair("wrn40_2_shuv1", "wrn_40_2", "shufflev1", cifar_ckpt("wrn_40_2"), LIGHT, CROSS),
-    Pair("vgg13_mv2", "vgg13", "mobilenetv2", cifar_ckpt("vgg13"), LIGHT, CROSS),
+    Pair("vgg13_mv2", "vgg13", "mobilenetv2", cifar_ckpt("vgg13"), LIGHT, CROSS, 6.0),
     Pair("res50_mv2", "resnet50_cifar", "mobilenetv2", cifar_ckpt("ResNet50"), LIGHT, CROSS),
 )
 CIFAR_METHODS = ("kd", "dkd", "kd_ls", "dkd_ls", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
@@ -127,11 +127,11 @@ FMNIST_METHODS = ("kd", "dkd", "kd_ls", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
 # over beta 8 at 20 epochs, 3 seeds); a 2-epoch warm-up for 20 epochs. `topkd demo` reads these.
 FMNIST_OVERRIDES: dict[str, dict[str, object]] = {
     "kd": {},
-    "dkd": {"dkd_beta": 4.0, "warmup": 2},
+    "dkd": {"beta": 4.0, "warmup": 2},
     "kd_ls": {},
     "topkd": {"k": 2, "warmup": 2},
     "kd_tsm_tdl": {"k": 2},
-    "dkd_tsm_tdl": {"dkd_beta": 4.0, "k": 2, "warmup": 2},
+    "dkd_tsm_tdl": {"beta": 4.0, "k": 2, "warmup": 2},
 }
 
 CIFAR_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "resnet50_cifar")
@@ -192,13 +192,14 @@ def _distill_leaves(
         for method in methods:
             loss: dict[str, object] = dict((overrides or {}).get(method, {}))
             if pair.dkd_beta is not None and method in DKD_METHODS:
-                loss["dkd_beta"] = pair.dkd_beta
+                # DKD+LS: the LS code multiplies DKD's alpha and beta by its kd weight 9.
+                loss["beta"] = pair.dkd_beta * (9.0 if method == "dkd_ls" else 1.0)
             defaults = [
                 f"../../base/{pair.base}",
                 f"../../pairs/{dataset}/{pair.key}.yaml",
                 f"../../{method_dir}/{method}.yaml",
             ]
-            extra = [f"loss: {_flow(loss)}"] if loss else []
+            extra = [f"method: {_flow(loss)}"] if loss else []
             name = f"{dataset}_{pair.key}_{method}"
             out[f"{dataset}/{pair.key}/{method}.yaml"] = _leaf(defaults, name, extra)
     return out
