@@ -4,7 +4,8 @@
 :class:`topkd.methods.MethodParams`) and a small deterministic :class:`topkd.methods.Batch` it can
 consume. Logit-only methods use :func:`logit_example`; a method that needs feature taps, sample
 indices, extra views or trainable modules registers its own builder in :data:`EXAMPLES` (keyed by
-method name) so that ``tests/test_method_params.py`` covers it too.
+method name) from its own module ``tests/examples/<method>.py`` (imported below), so that
+``tests/test_method_params.py`` covers it too.
 """
 
 from __future__ import annotations
@@ -60,3 +61,16 @@ def example(params: MethodParams) -> tuple[Method, Batch]:
     if not is_logit_only(cls):
         raise LookupError(f"method {cls.name!r} needs an entry in tests/method_examples.py")
     return logit_example(params)
+
+
+def _load_examples() -> None:
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent / "examples"
+    for m in sorted(pkgutil.iter_modules([str(folder)]), key=lambda m: m.name):
+        importlib.import_module(f"examples.{m.name}")
+
+
+_load_examples()
