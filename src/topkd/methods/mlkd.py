@@ -199,8 +199,9 @@ class MLKD(Method):
     ``kd``, ``cc``, ``bc`` are :func:`mlkd_loss`'s instance-, class- and batch-level terms over
     the temperatures ``(temperature, 3, 5, 2, 6)``, with the teacher-confidence masks of the
     weak view. The main view of the batch is the weak one (standard crop + flip); the strong
-    view (``batch.views["strong"]``: the same images with RandAugment(2, 10) + Cutout after crop
-    + flip in the reference) is run through student and teacher by the engine.
+    view (``batch.views["strong"]``: in the reference an independent crop + flip of the same
+    image followed by its FixMatch-style RandAugment(2, 10) and Cutout) is run through student
+    and teacher by the engine.
 
     CIFAR-100 reference (Jin-Ying/Multi-Level-Logit-Distillation, ``configs/cifar100/ours/``
     with its ``cfg.py``): T 4, ce 0.1, kd 0.9, lr 0.025 (0.01 for light students), 240 epochs
