@@ -413,6 +413,20 @@ def test_state_dict_round_trip_keeps_both_buffers():
             oo.backward_and_step(LossOutput(task + distill, task, distill, {}))
     assert max_diff(m, m2) == 0
     assert state_diff(opt, opt2, m, m2) == 0
+    sgd = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="not DOT's"):
+        opt2.load_state_dict(sgd.state_dict())
+
+
+def test_resuming_an_sgd_checkpoint_with_dot_is_a_config_error(tmp_path, teacher_ckpt):
+    from topkd.engine import Trainer
+
+    sgd = tiny_config(tmp_path, name="run", **{**dot_sections(teacher_ckpt),
+                                                "optim": {"name": "sgd"}, "train": {"epochs": 1}})
+    Trainer(sgd, "distill", quiet=True).fit()
+    dot = tiny_config(tmp_path, name="run", **dot_sections(teacher_ckpt))
+    with pytest.raises(ConfigError, match="not DOT.s"):
+        Trainer(dot, "distill", quiet=True, resume="auto")
 
 
 # --------------------------------------------------------------------------- engine

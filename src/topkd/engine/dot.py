@@ -100,6 +100,15 @@ class DOT(torch.optim.Optimizer):
         # they live within one training step.
         self._kd_grads: dict[int, Tensor] = {}
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch would take another optimizer's state silently (SGD's momentum_buffer as DOT's
+        # task buffer, no distillation buffer): refuse anything that is not a DOT state.
+        groups = state_dict.get("param_groups") or []
+        if not all("delta" in g and "kd_only_init_wd" in g for g in groups):
+            raise ValueError("this optimizer state is not DOT's (no 'delta' in its parameter "
+                             "groups): it was saved by another optimizer")
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step_kd(self) -> None:
         """Record the current gradients as the distillation gradients of the next :meth:`step`
