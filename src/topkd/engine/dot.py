@@ -150,8 +150,9 @@ class DOT(torch.optim.Optimizer):
         m_kd = group["momentum"] + group["delta"]
         m_one = (m_kd + m_task) / 2.0  # the reference's expression (rounding included)
         in_kd = {id(p) for p, _ in dist}
-        # Task gradients first: the distillation pass below sees the updated parameters only
-        # through its weight decay of parameters that have no task gradient (untouched here).
+        # Task buffers first, then distillation buffers, as the reference. The weight decay of
+        # a distillation-only parameter therefore uses its value before this step (the task
+        # loop does not touch it).
         for p in task:
             d_p = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
             state = self.state[p]
