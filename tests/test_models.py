@@ -57,6 +57,9 @@ PINNED: dict[str, int] = {
     # Fashion-MNIST demo
     "fmnist_cnn_teacher": 427_882,
     "fmnist_cnn_student": 13_726,
+    # fashion_mnist_pairs (100 classes, 1x28x56): the same layers, classifier on 2 pooled cells
+    "fmnist_pairs_cnn_teacher": 476_612,
+    "fmnist_pairs_cnn_student": 22_936,
 }
 
 # sha256 (first 16 hex digits) of the ordered "key:shape" list of each state_dict. The CIFAR
@@ -66,6 +69,8 @@ PINNED: dict[str, int] = {
 LAYOUT_DIGEST: dict[str, str] = {
     "fmnist_cnn_student": "07cd7892dd00bca2",
     "fmnist_cnn_teacher": "0e54af9cfc013c70",
+    "fmnist_pairs_cnn_student": "57ea4f3d1bc89464",
+    "fmnist_pairs_cnn_teacher": "b410820d10be5403",
     "mobilenetv1": "735401b430049768",
     "mobilenetv2": "dc5f751da70599bb",
     "mobilenetv2_tinyimagenet": "97e4cb1fe921ca99",
@@ -330,6 +335,28 @@ def test_fmnist_models_info():
         assert info.default_num_classes == 10
     assert model_info("resnet8x4").num_params() == PINNED["resnet8x4"]
     assert model_info("resnet8x4").num_params(num_classes=10) == PINNED["resnet8x4"] - 90 * 257
+    for name in ("fmnist_pairs_cnn_teacher", "fmnist_pairs_cnn_student"):
+        info = model_info(name)
+        assert info.input_size == (1, 28, 56) and info.default_num_classes == 100
+
+
+@pytest.mark.parametrize("name", ["fmnist_pairs_cnn_student", "fmnist_pairs_cnn_teacher"])
+def test_pairs_models_pool_each_half_and_tell_the_order(name: str):
+    torch.manual_seed(0)
+    model = create_model(name, 100).eval()
+    x = torch.randn(3, 1, 28, 56)
+    swapped = torch.cat([x[..., 28:], x[..., :28]], -1)
+    with torch.inference_mode():
+        fmap = model.features(x)  # (B, C, 7, 14): left / right halves are columns 0-6 / 7-13
+        c = fmap.shape[1]
+        cells = torch.stack([fmap[..., :7].mean((-2, -1)), fmap[..., 7:].mean((-2, -1))], -1)
+        torch.testing.assert_close(model.forward_features(x), cells.flatten(1))
+        assert model.feature_dim == 2 * c
+        # (a, b) and (b, a) are different classes: the model is not symmetric in the halves
+        assert not torch.allclose(model(x), model(swapped))
+        # the same layers with a global pool cannot tell them apart (up to padding effects)
+        square = create_model(name.replace("pairs_", ""), 100).eval()
+        assert square.feature_dim == c
 
 
 def test_timm_deit_tiny_cifar():
