@@ -359,6 +359,16 @@ def test_pairs_models_pool_each_half_and_tell_the_order(name: str):
         assert square.feature_dim == c
 
 
+def test_pairs_teacher_feature_taps_on_28x56():
+    from topkd.models.features import feature_shapes
+
+    model = create_model("fmnist_pairs_cnn_teacher", 100)
+    shapes = feature_shapes(model, (1, 28, 56), ["feats", "preact_feats", "pooled_feat"])
+    assert shapes["feats"] == [(32, 28, 56), (64, 14, 28), (256, 7, 14)]
+    assert shapes["preact_feats"] == shapes["feats"]
+    assert shapes["pooled_feat"] == (512,)  # two cells of 256 channels: the classifier's input
+
+
 def test_timm_deit_tiny_cifar():
     model = create_model("timm:deit_tiny_patch16_224", 100, img_size=32, patch_size=4).eval()
     assert model.feature_dim == 192
