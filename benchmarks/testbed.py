@@ -383,6 +383,18 @@ def draw_trials(default: dict[str, Any], n: int, seed: str) -> list[dict[str, An
     return trials
 
 
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"tsm.gamma": 0.5}`` -> ``{"tsm": {"gamma": 0.5}}``."""
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        *parents, last = key.split(".")
+        d = out
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = v
+    return out
+
+
 def diff(default: dict[str, Any], other: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flat ``{"tsm.gamma": 0.5}`` of what ``other`` changes in ``default``."""
     out: dict[str, Any] = {}
@@ -694,6 +706,53 @@ class Testbench:
                                 "source": LEGACY_SOURCE, "sizes": sz, "methods": runs}
         self.save()
 
+    def write_configs(self) -> list[Path]:
+        """``configs/pair_overrides/<dataset>/<entry>.yaml``: what the tuning chose (on
+        validation only) relative to the method file, the testbed's warm-up, the dataset recipe's
+        solver where the method file has its reference's, or why the entry cannot run. Then
+        ``python configs/generate.py`` writes the shipped leaves of these datasets."""
+        from topkd.config import load_raw
+        from topkd.methods import params_from_dict, params_to_dict
+
+        written = []
+        for tb in self.testbeds:
+            base = load_raw(CONFIGS / tb.base)
+            for entry in self.entries:
+                rec = self.ds(tb)["methods"].get(entry.key)
+                if entry.key == "ce" or rec is None:
+                    continue
+                path = Path(self.args.configs_out) / tb.key / f"{entry.key}.yaml"
+                note = (f"# Written by benchmarks/testbed.py --write-configs from {self.out} "
+                        "(docs/results.md).\n")
+                if rec.get("status") == "unsupported":
+                    body: dict[str, Any] = {"unsupported": {"teacher_student": rec["reason"]}}
+                elif rec.get("status") != "ok":
+                    continue
+                else:
+                    trials = rec.get("trials") or []
+                    chosen = self.chosen(tb, entry)
+                    if chosen is None:
+                        continue
+                    ref = params_to_dict(params_from_dict(method_raw(entry)["method"]))
+                    over = _nested(diff(ref, chosen))
+                    raw = load_raw(entry.file) if entry.file else {}
+                    for section, keys in _SOLVER.items():  # back to the dataset recipe
+                        for k in keys & set(raw.get(section) or {}):
+                            if raw[section][k] != base.get(section, {}).get(k):
+                                over.setdefault(section, {})[k] = base[section][k]
+                    idx = next((i for i, t in enumerate(trials) if t.get("method") == chosen),
+                               None)
+                    if idx is not None:
+                        note += f"# Trial {idx} of {len(trials)} (validation top-1, seed 0)"
+                        note += (f"; warm-up {self.budget.warmup:g} epochs as the testbed.\n"
+                                 if "warmup" in over else ".\n")
+                    body = {"teacher_student": over} if over else {}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(note + (yaml.safe_dump(body, default_flow_style=None,
+                                                       sort_keys=True) if body else ""))
+                written.append(path)
+        return written
+
     PHASES = ("teachers", "cache", "tune", "final", "kablation", "controls", "legacy")
 
     def run(self, phases: Sequence[str]) -> None:
@@ -724,6 +783,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (data.root)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--list", action="store_true", help="print the method entries and exit")
+    p.add_argument("--write-configs", action="store_true",
+                   help="write configs/pair_overrides/<dataset>/<entry>.yaml from the tuning of "
+                        "OUT (then run configs/generate.py) and exit")
+    p.add_argument("--configs-out", default=str(CONFIGS / "pair_overrides"),
+                   help="where --write-configs writes (default configs/pair_overrides)")
     args = p.parse_args(argv)
     args.argv = argv
     if args.list:
@@ -733,6 +797,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.write_configs:
+        for path in Testbench(args).write_configs():
+            print(f"wrote {path}")
+        return 0
     phases = [ph for ph in args.phases.split(",") if ph]
     bad = [ph for ph in phases if ph not in Testbench.PHASES]
     if bad:

@@ -216,6 +216,8 @@ def _scalar(value: object) -> str:
     """A YAML scalar for ``value`` (bools lower-case, floats keep a decimal point)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):  # a section, e.g. tsm: {gamma: 0.5}
+        return _flow(value)
     return repr(value) if isinstance(value, float) else str(value)
 
 
