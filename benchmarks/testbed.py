@@ -636,9 +636,13 @@ class Testbench:
                 continue
             base = self.chosen(tb, entry) or self.default_method(entry)
             sweep = []
+            final = self.ds(tb)["methods"].get("topkd", {}).get("final") or []
             for k in self.budget.k_values:
                 m = copy.deepcopy(base)
                 m["k"] = k
+                if m == base and len(final) == len(self.budget.seeds):
+                    sweep.append({"k": k, "runs": final, "method": m})  # the final runs
+                    continue
                 runs = []
                 for s in self.budget.seeds:
                     run_dir = self.out / tb.key / "kablation" / f"k_{k}" / f"seed_{s}"

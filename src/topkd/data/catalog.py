@@ -25,11 +25,12 @@ from .transforms import (
     IMAGENET_STD,
     STL10_MEAN,
     STL10_STD,
-    CropFlip,
     Transform,
     build_transform,
+    crop_flip,
     imagenet_geometry,
 )
+from .transforms import CropFlip
 
 SPLITS = ("train", "test")
 
@@ -235,11 +236,8 @@ def _build_stl10(
 
 @register_dataset("tiny_imagenet", DatasetInfo(200, 64, 3, IMAGENET_MEAN, IMAGENET_STD))
 def _build_tiny_imagenet(root: Path, split: str, *, in_memory: bool = False, **opts: Any):
-    aug = CropFlip(padding=4)
-    transforms = make_transforms(aug.geometry(64, 64), [], **opts)
-    ds = tiny_imagenet.TinyImageNet(root, split, *transforms, in_memory=in_memory)
-    ds.crop_flip = aug
-    return ds
+    transforms = make_transforms(crop_flip(64, 4), [], **opts)
+    return tiny_imagenet.TinyImageNet(root, split, *transforms, in_memory=in_memory)
 
 
 @register_dataset(

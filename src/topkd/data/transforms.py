@@ -78,6 +78,17 @@ def crop_flip(size: int, padding: int) -> list[Transform]:
     return [T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()]
 
 
+def imagenet_geometry(train: bool, image_size: int = 224, resize_size: int | None = None) -> list:
+    """ImageNet geometry on PIL images: RandomResizedCrop+flip, or Resize+CenterCrop.
+
+    ``resize_size`` defaults to ``round(image_size / 0.875)`` (256 for 224).
+    """
+    if train:
+        return [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    resize = resize_size if resize_size is not None else round(image_size / 0.875)
+    return [T.Resize(resize), T.CenterCrop(image_size)]
+
+
 @dataclass(frozen=True)
 class CropFlip:
     """A dataset's crop + flip recipe, shared by its transform and the teacher-logit cache.
@@ -117,14 +128,3 @@ class PerTile:
 
     def __repr__(self) -> str:
         return f"PerTile(tiles={self.tiles}, {self.transform})"
-
-
-def imagenet_geometry(train: bool, image_size: int = 224, resize_size: int | None = None) -> list:
-    """ImageNet geometry on PIL images: RandomResizedCrop+flip, or Resize+CenterCrop.
-
-    ``resize_size`` defaults to ``round(image_size / 0.875)`` (256 for 224).
-    """
-    if train:
-        return [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-    resize = resize_size if resize_size is not None else round(image_size / 0.875)
-    return [T.Resize(resize), T.CenterCrop(image_size)]
