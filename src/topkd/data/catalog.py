@@ -25,12 +25,12 @@ from .transforms import (
     IMAGENET_STD,
     STL10_MEAN,
     STL10_STD,
+    CropFlip,
     Transform,
     build_transform,
     crop_flip,
     imagenet_geometry,
 )
-from .transforms import CropFlip
 
 SPLITS = ("train", "test")
 
