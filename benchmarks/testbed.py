@@ -459,8 +459,9 @@ class Testbench:
         parts = run_dir.relative_to(self.out).parts
         name = "-".join(parts[:-1] if parts[-1].startswith("seed_") else parts)
         n = self.budget.train_subset if train_subset is None else train_subset
-        ov = [f"data.train_subset={n}", f"train.epochs={epochs}",
-              f"seed={seed}", "data.num_workers=0", f"output_dir={self.out}", f"name={name}"]
+        ov = [f"data.train_subset={n}", f"train.epochs={epochs}", f"seed={seed}",
+              "data.num_workers=0", "data.eval_batch_size=1000", f"output_dir={self.out}",
+              f"name={name}"]
         if self.args.data_root:
             ov.append(f"data.root={self.args.data_root}")
         if self.budget.max_steps:
@@ -785,7 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "every variant of configs/methods; --quick: a few)")
     p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1,2")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (data.root)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared, oversubscribed box two "
+                        "threads spent 3x the CPU time per image, waiting for each other)")
     p.add_argument("--list", action="store_true", help="print the method entries and exit")
     p.add_argument("--write-configs", action="store_true",
                    help="write configs/pair_overrides/<dataset>/<entry>.yaml from the tuning of "
