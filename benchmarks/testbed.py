@@ -435,9 +435,12 @@ class Testbench:
                               "tune_epochs": b.tune_epochs, "trials": b.trials,
                               "seeds": list(b.seeds), "views": b.views, "warmup": b.warmup,
                               "k_values": list(b.k_values), "max_steps": b.max_steps},
-                          command=" ".join(["python", "benchmarks/testbed.py",
-                                            *(args.argv or [])]),
                           ours=list(OURS))
+        # every distinct invocation that wrote runs here, in order (phases may be run apart)
+        cmd = " ".join(["python", "benchmarks/testbed.py", *(args.argv or [])])
+        cmds = self.study.setdefault("commands", [])
+        if cmd not in cmds:
+            cmds.append(cmd)
         self.study.setdefault("datasets", {})
 
     # ---------------------------------------------------------------- helpers

@@ -61,7 +61,7 @@ def root(tmp_path):
         "format": study.STUDY_FORMAT, "title": "toy", "ours": ["topkd"],
         "budget": {"epochs": 8, "train_subset": 4000, "seeds": [0, 1, 2], "trials": 2,
                    "tune_epochs": 3, "warmup": 2.0, "views": 8},
-        "command": "python benchmarks/testbed.py --out X", "datasets": {"toy": ds}}))
+        "commands": ["python benchmarks/testbed.py --out X"], "datasets": {"toy": ds}}))
     return r
 
 

@@ -386,7 +386,7 @@ def render(root: str | Path, plots: Path | None = None, md_dir: Path | None = No
     ours = m.get("ours", [])
     dss = m.get("datasets", {})
     out = _setup(study, dss)
-    cmds = [m.get("command", "")]
+    cmds = list(m.get("commands") or [])
     if command:
         cmds.append(command)
     out += ["Commands (every number below is read from the run directories they write):", "",
