@@ -102,6 +102,9 @@ class TrainStep:
             t_call = torch.compile(teacher) if compile else teacher
             self._teacher_run = _Runner(teacher, tuple(method.teacher_taps), t_call)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        #: ``x, y = mix(x, y)`` before the teacher and the student see the batch (Mixup/CutMix,
+        #: label smoothing: :class:`topkd.data.augment.BatchMix`); set by the trainer.
+        self.mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -126,6 +129,8 @@ class TrainStep:
     def __call__(self, x: Tensor, y: Tensor, *, epoch: float, cached: Tensor | None = None,
                  index: Tensor | None = None, views: dict[str, Tensor] | None = None,
                  ) -> tuple[LossOutput, Tensor]:
+        if self.mix is not None:  # the teacher sees the same mixed images as the student
+            x, y = self.mix(x, y)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         teacher = self.teacher_outputs(x, cached)
