@@ -372,3 +372,18 @@ def test_vit_recipe_is_deits():
         ref["mixup_prob"], ref["mixup_switch_prob"], ref["mixup_mode"])
     assert d.label_smoothing == ref["smoothing"] and d.augment
     assert cfg.model.kwargs["drop_path_rate"] == ref["drop_path"]
+
+
+def test_policy_benchmark_runs(cifar, monkeypatch):
+    """benchmarks/data_speed.py --policies (docs/benchmarks.md), on a tiny set."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("data_speed", ROOT / "benchmarks" /
+                                                  "data_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.policy_rows({"c": get_dataset("cifar100", cifar, "train")}, batch=4, images=8,
+                           repeats=1)
+    assert [r[1] for r in rows] == list(mod.POLICIES) and rows[0][3] == rows[0][5] == 1.0
+    assert all(r[2] > 0 and r[4] > 0 for r in rows)
+    assert set(mod.mix_speed(4, 8, repeats=1, steps=2)) == {
+        "label smoothing 0.1 alone", "Mixup 0.8 / CutMix 1.0 + smoothing 0.1 (DeiT)"}
