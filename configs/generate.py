@@ -111,13 +111,13 @@ CIFAR_METHODS = _method_files("methods")
 # ``pair_overrides/cifar100/<method file stem>.yaml`` maps pair keys to ``method:`` values; its
 # optional ``unsupported: {pair: reason}`` skips pairs the method cannot run (the reason is kept
 # in docs/methods.md). DKD's per-pair beta stays in the pair table below (it also drives dkd_ls).
-PAIR_OVERRIDES_DIR = "pair_overrides/cifar100"
+# ImageNet likewise: ``pair_overrides/imagenet/<method file stem>.yaml``.
 
 
-def _pair_overrides(method: str) -> dict[str, dict[str, object]]:
+def _pair_overrides(method: str, dataset: str = "cifar100") -> dict[str, dict[str, object]]:
     import yaml
 
-    p = CONFIG_DIR / PAIR_OVERRIDES_DIR / f"{method}.yaml"
+    p = CONFIG_DIR / "pair_overrides" / dataset / f"{method}.yaml"
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 DKD_METHODS = frozenset({"dkd", "dkd_ls", "dkd_tsm_tdl"})
 
@@ -231,7 +231,7 @@ def _distill_leaves(
         for method in methods:
             loss: dict[str, object] = dict((overrides or {}).get(method, {}))
             if per_pair:
-                table = _pair_overrides(method)
+                table = _pair_overrides(method, dataset)
                 if pair.key in (table.get("unsupported") or {}):
                     continue
                 loss.update(table.get(pair.key) or {})
@@ -268,7 +268,8 @@ def generate() -> dict[str, str]:
     out: dict[str, str] = {}
     out.update(_distill_leaves("cifar100", CIFAR_PAIRS, CIFAR_METHODS, "methods",
                                per_pair=True))
-    out.update(_distill_leaves("imagenet", IMAGENET_PAIRS, IMAGENET_METHODS, "methods/imagenet"))
+    out.update(_distill_leaves("imagenet", IMAGENET_PAIRS, IMAGENET_METHODS, "methods/imagenet",
+                               per_pair=True))
     out.update(_distill_leaves("tiny_imagenet", TINY_PAIRS, TINY_METHODS, "methods"))
     out.update(_distill_leaves("cifar100_vit", VIT_PAIRS, VIT_METHODS, "methods"))
     out.update(_distill_leaves("fashion_mnist", FMNIST_PAIRS, FMNIST_METHODS, "methods",
