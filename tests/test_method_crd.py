@@ -21,7 +21,12 @@ from torch import nn
 import _reference as R
 import topkd.methods.crd as crd_mod
 from topkd.methods import Batch, MethodContext, ModelOutput, create_method
-from topkd.methods.crd import memory_update, nce_loss, sample_contrast_indices
+from topkd.methods.crd import (
+    contrast_scores,
+    memory_update,
+    nce_loss,
+    sample_contrast_indices,
+)
 from topkd.models import ClassifierModel, create_model
 
 torch.set_num_threads(1)
@@ -161,13 +166,15 @@ def recorded(monkeypatch):
 
 
 # ----------------------------------------------------------------- the loss and the bank
-@pytest.mark.parametrize("mode", ["exact", "relax"])
-def test_two_steps_equal_reference_float64(recorded, mode):
+@pytest.mark.parametrize("mode, dense", [("exact", True), ("relax", True), ("exact", False)])
+def test_two_steps_equal_reference_float64(recorded, mode, dense):
     cfg = R.mdistiller("configs/cifar100/crd.yaml")["CRD"]
     # momentum 0.7, not the default 0.5: m and 1 - m must not be interchangeable here
     spec = {"name": "crd", "nce_k": 7, "feat_dim": 16, "mode": mode, "nce_momentum": 0.7}
     torch.manual_seed(0)
     method = create_method(spec, _ctx()).double()
+    assert method.dense  # N = 30 <= 16 (K + 1): the whole-bank GEMM; also check the gather
+    method.dense = dense
     ref = RefContrastMemory(method.memory_s.clone(), method.memory_t.clone(), 7,
                             cfg["NCE"]["TEMPERATURE"], 0.7)
     g = torch.Generator().manual_seed(1)
@@ -194,6 +201,22 @@ def test_two_steps_equal_reference_float64(recorded, mode):
         assert torch.allclose(method.z.double(), ref.params[2:4].double(), rtol=1e-6)
         assert torch.allclose(method.memory_s, ref.memory_v1.double(), rtol=1e-6, atol=1e-7)
         assert torch.allclose(method.memory_t, ref.memory_v2.double(), rtol=1e-6, atol=1e-7)
+
+
+def test_dense_and_gathered_scores_agree():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    mem = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 40, (5, 9), generator=g)
+    a = contrast_scores(v, mem, idx, 0.5, dense=True)
+    b = contrast_scores(v, mem, idx, 0.5, dense=False)
+    assert torch.allclose(a, b, rtol=1e-12)
+    (ga,) = torch.autograd.grad(a.sum(), v)
+    (gb,) = torch.autograd.grad(b.sum(), v)
+    assert torch.allclose(ga, gb, rtol=1e-12)
+    assert create_method("crd", _ctx()).dense  # 30 <= 16 * 16385
+    big = _ctx(n=40, labels=torch.arange(40) % 3)
+    assert not create_method({"name": "crd", "nce_k": 1}, big).dense  # 40 > 16 * 2
 
 
 def test_memory_update_is_the_reference_momentum_formula():
@@ -267,14 +290,19 @@ def test_sampling_is_uniform_over_other_classes():
     """np.random.choice(cls_negative[y], k, replace=False): every other-class sample equally
     likely, each row a uniform subset (checked by frequencies over many draws)."""
     labels = torch.arange(12) % 3
-    index = torch.zeros(2000, dtype=torch.long)
+    rows = 20000
+    index = torch.zeros(rows, dtype=torch.long)
     torch.manual_seed(0)
     a = sample_contrast_indices(index, labels[index], labels, 3)
     counts = torch.bincount(a[:, 1:].reshape(-1), minlength=12).float()
     others = labels != 0
     assert counts[~others].sum() == 0
-    expected = 2000 * 3 / 8
-    assert ((counts[others] - expected).abs() / expected).max() < 0.08
+    expected = rows * 3 / 8  # std ~0.9 % of it
+    assert ((counts[others] - expected).abs() / expected).max() < 0.04
+    # every one of the C(8, 3) = 56 subsets about equally often (expected 357, std ~19)
+    sets = torch.sort(a[:, 1:], 1).values
+    _, n_per_set = torch.unique(sets, dim=0, return_counts=True)
+    assert len(n_per_set) == 56 and n_per_set.min() > 357 * 0.75 and n_per_set.max() < 357 * 1.25
 
 
 # ----------------------------------------------------------------- errors

@@ -60,3 +60,33 @@ def test_resume_is_bit_exact(tmp_path, method):
     for i, st in a["optimizer"]["state"].items():
         for k, v in st.items():
             assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_half_precision_features_are_upcast(method):
+    """Features of an autocast (bf16) forward: the method upcasts them to its float32 modules
+    (the same loss as from the upcast features) instead of failing on a dtype mismatch."""
+    import copy
+
+    from examples._zoo import zoo_example
+    from topkd.methods import Batch, ModelOutput, params_from_dict
+
+    torch.manual_seed(0)
+    m, batch = zoo_example(params_from_dict(METHODS[method]))
+
+    def cast(out, dtype):
+        feats = {k: [t.detach().to(dtype) for t in v] if isinstance(v, list)
+                 else v.detach().to(dtype) for k, v in out.feats.items()}
+        return ModelOutput(out.logits.detach(), feats)
+
+    def loss(dtype, final):
+        b = Batch(cast(batch.student, dtype), cast(batch.teacher, dtype), batch.labels,
+                  batch.epoch, batch.index)
+        if final is not None:
+            b = Batch(cast(b.student, final), cast(b.teacher, final), b.labels, b.epoch, b.index)
+        torch.manual_seed(1)
+        return copy.deepcopy(m)(b).total
+
+    half = loss(torch.bfloat16, None)
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert torch.equal(half, loss(torch.bfloat16, torch.float32))

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._feature import no_ignore_index
+from ._feature import compute_feats, no_ignore_index
 from .base import Batch, Method, MethodContext
 from .params import MethodParams, param
 from .registry import register_method
@@ -43,13 +43,29 @@ class Embed(nn.Module):
         return _l2_normalize(self.linear(x.reshape(x.shape[0], -1)))
 
 
-def contrast_scores(v: Tensor, memory: Tensor, contrast_idx: Tensor, temperature: float) -> Tensor:
+def contrast_scores(v: Tensor, memory: Tensor, contrast_idx: Tensor, temperature: float,
+                    dense: bool | None = None) -> Tensor:
     r"""Unnormalised scores ``exp(<memory[idx_j], v> / T)`` of each sample against its contrast
     set: ``v (B, D)``, ``memory (N, D)`` (not differentiated), ``contrast_idx (B, K+1)`` ->
-    ``(B, K+1)`` (mdistiller's ``ContrastMemory.forward`` before the division by ``Z``)."""
+    ``(B, K+1)`` (mdistiller's ``ContrastMemory.forward`` before the division by ``Z``).
+
+    ``dense`` picks how the dot products are formed (the same values up to float rounding):
+    ``False`` gathers the ``B (K+1)`` bank rows and multiplies them (the reference's way, memory
+    bound); ``True`` multiplies the whole bank ``(N, D) x (D, B)`` and picks the entries (one
+    GEMM, ``N x B`` floats). ``None``: dense when ``N <= 16 (K+1)``, e.g. CIFAR-100 with the
+    reference's ``K`` (12x faster on CPU, ``benchmarks`` in docs/methods.md), gathered for
+    ImageNet-size banks.
+    """
     b, d = v.shape
-    w = memory.index_select(0, contrast_idx.reshape(-1)).detach().view(b, -1, d)
-    return torch.exp(torch.bmm(w, v.view(b, d, 1)).squeeze(2) / temperature)
+    if dense is None:
+        dense = memory.shape[0] <= 16 * contrast_idx.shape[1]
+    if dense:
+        rows = torch.arange(b, device=v.device).unsqueeze(1)
+        dots = (memory.detach() @ v.t())[contrast_idx, rows]
+    else:
+        w = memory.index_select(0, contrast_idx.reshape(-1)).detach().view(b, -1, d)
+        dots = torch.bmm(w, v.view(b, d, 1)).squeeze(2)
+    return torch.exp(dots / temperature)
 
 
 def nce_loss(x: Tensor, num_data: int) -> Tensor:
@@ -101,36 +117,38 @@ def sample_contrast_indices(index: Tensor, labels: Tensor, train_labels: Tensor,
 
     ``index (B,)`` and ``labels (B,)``: the batch's dataset indices and labels; ``train_labels
     (N,)``: every training sample's label. The positive is ``index`` (``exact``) or a uniform
-    sample of the same class (``relax``, the sample itself included); the negatives are drawn
-    uniformly from the samples of *other* classes, without replacement when there are at least
-    ``k`` of them, else with replacement, as mdistiller's ``CIFAR100InstanceSample`` (whose
-    ``np.random.choice`` is replaced by ``torch.multinomial``: the same distribution, driven by
-    a torch generator so that a resumed run draws the same sets). Rows are processed in chunks
-    of at most ``2**26`` ``(row, sample)`` pairs to bound memory on large datasets.
+    sample of the same class (``relax``, the sample itself included); the negatives are a
+    uniform random set of ``k`` samples of *other* classes (without replacement), or ``k``
+    uniform draws with replacement when a class has fewer than ``k`` others, as mdistiller's
+    ``CIFAR100InstanceSample`` (``np.random.choice``; the order within a set does not matter).
+    Drawn with ``generator`` (the top ``k`` of uniform keys, or ``torch.multinomial``), so that a
+    resumed run draws the same sets. Rows are processed in chunks of at most ``2**26``
+    ``(row, sample)`` pairs to bound memory on large datasets.
     """
     b, n = index.shape[0], train_labels.shape[0]
-    out = torch.empty(b, k + 1, dtype=torch.long, device=index.device)
+    dev = index.device
+    out = torch.empty(b, k + 1, dtype=torch.long, device=dev)
     step = max(1, 2**26 // max(n, 1))
     for lo in range(0, b, step):  # chunks of rows (one chunk for CIFAR-size data)
         yc = labels[lo:lo + step]
-        other = (train_labels.unsqueeze(0) != yc.unsqueeze(1)).float()  # (b', N)
-        n_other = other.sum(1)
+        same = train_labels.unsqueeze(0) == yc.unsqueeze(1)  # (b', N)
+        n_other = n - same.sum(1)
         if bool((n_other == 0).any()):
             raise ValueError("crd: a class holds every training sample; there are no negatives")
+        keys = torch.rand(same.shape, generator=generator, device=dev).masked_fill_(same, -1.0)
+        neg = keys.topk(k, dim=1, sorted=False).indices if k <= n else \
+            torch.empty(same.shape[0], k, dtype=torch.long, device=dev)
         rep = n_other < k
-        if bool(rep.any()):
-            for replace in (False, True):
-                rows = (rep == replace).nonzero().squeeze(1)
-                if rows.numel():
-                    out[lo + rows, 1:] = torch.multinomial(other[rows], k, replacement=replace,
-                                                           generator=generator)
-        else:
-            out[lo:lo + step, 1:] = torch.multinomial(other, k, generator=generator)
+        if bool(rep.any()):  # too few negatives: k draws with replacement
+            rows = rep.nonzero().squeeze(1)
+            neg[rows] = torch.multinomial((~same[rows]).float(), k, replacement=True,
+                                          generator=generator)
+        out[lo:lo + step, 1:] = neg
         if mode == "exact":
             out[lo:lo + step, 0] = index[lo:lo + step]
         else:
-            same = (train_labels.unsqueeze(0) == yc.unsqueeze(1)).float()
-            out[lo:lo + step, 0] = torch.multinomial(same, 1, generator=generator).squeeze(1)
+            pos = torch.rand(same.shape, generator=generator, device=dev).masked_fill_(~same, -1.0)
+            out[lo:lo + step, 0] = pos.argmax(1)
     return out
 
 
@@ -227,6 +245,9 @@ class CRD(Method):
         self.register_buffer("train_labels", labels, persistent=False)
         self.num_data = n
         self._z_ready = False
+        #: How scores are formed (:func:`contrast_scores`): one GEMM over the whole bank when
+        #: it is small next to the contrast sets (CIFAR), else the reference's gather.
+        self.dense = n <= 16 * (p.nce_k + 1)
 
     def distill(self, batch: Batch, terms: dict[str, Tensor]) -> Tensor:
         p = self.params
@@ -239,10 +260,10 @@ class CRD(Method):
             raise ValueError("crd needs integer labels to draw negatives (no mixup/cutmix)")
         contrast_idx = sample_contrast_indices(idx, y.to(idx.device), self.train_labels, p.nce_k,
                                                p.mode, self._generator(idx.device))
-        e_s = self.embed_s(batch.student.feats["pooled_feat"])
-        e_t = self.embed_t(batch.teacher.feats["pooled_feat"])  # type: ignore[union-attr]
-        out_s = contrast_scores(e_s, self.memory_t, contrast_idx, p.nce_t)
-        out_t = contrast_scores(e_t, self.memory_s, contrast_idx, p.nce_t)
+        e_s = self.embed_s(compute_feats(batch.student.feats["pooled_feat"]))
+        e_t = self.embed_t(compute_feats(batch.teacher.feats["pooled_feat"]))  # type: ignore[union-attr]
+        out_s = contrast_scores(e_s, self.memory_t, contrast_idx, p.nce_t, self.dense)
+        out_t = contrast_scores(e_t, self.memory_s, contrast_idx, p.nce_t, self.dense)
         if not self._z_ready and bool(self.z[0] >= 0):  # set, or restored from a checkpoint
             self._z_ready = True
         if not self._z_ready:  # first step: Z = mean score * N (mean over the ranks)
@@ -274,5 +295,10 @@ class CRD(Method):
         keep = _first_occurrence(idx)
         idx, e = idx[keep], e[keep]
         d, m = self.params.feat_dim, self.params.nce_momentum
-        for bank, v in ((self.memory_s, e[:, :d]), (self.memory_t, e[:, d:])):
-            bank.index_copy_(0, idx, memory_update(bank.index_select(0, idx), v, m))
+        for name, v in (("memory_s", e[:, :d]), ("memory_t", e[:, d:])):
+            bank = getattr(self, name)
+            rows = memory_update(bank.index_select(0, idx), v, m)
+            if self.dense:  # this step's scores keep the bank for backward: update a copy
+                setattr(self, name, bank.index_copy(0, idx, rows))
+            else:
+                bank.index_copy_(0, idx, rows)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ._feature import no_ignore_index
+from ._feature import compute_feats, no_ignore_index
 from .base import Batch, Method, MethodContext
 from .params import MethodParams, param
 from .registry import register_method
@@ -167,8 +167,8 @@ class OFD(Method):
 
     def distill(self, batch: Batch, terms: dict[str, Tensor]) -> Tensor:
         n = self.num_stages
-        s = batch.student.feats["preact_feats"][1:]
-        t = batch.teacher.feats["preact_feats"][1:]  # type: ignore[union-attr]
+        s = compute_feats(batch.student.feats["preact_feats"][1:])
+        t = compute_feats(batch.teacher.feats["preact_feats"][1:])  # type: ignore[union-attr]
         if len(s) < n or len(t) < n:
             raise ValueError(f"ofd: expected {n} pre-activation stages after the stem, got "
                              f"{len(s)} (student) and {len(t)} (teacher)")

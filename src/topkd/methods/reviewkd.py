@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ._feature import no_ignore_index
+from ._feature import compute_feats, no_ignore_index
 from .base import Batch, Method, MethodContext
 from .params import MethodParams, param
 from .registry import register_method
@@ -169,8 +169,8 @@ class ReviewKD(Method):
 
     def distill(self, batch: Batch, terms: dict[str, Tensor]) -> Tensor:
         kind = self.student_taps[0]
-        sf = batch.student.feats
-        tf = batch.teacher.feats  # type: ignore[union-attr]
+        sf = {k: compute_feats(v) for k, v in batch.student.feats.items()}
+        tf = {k: compute_feats(v) for k, v in batch.teacher.feats.items()}  # type: ignore[union-attr]
         x = [*sf[kind][-self.levels:], sf["pooled_feat"][:, :, None, None]][::-1]
         out, res = self.abfs[0](x[0], out_shape=self.out_shapes[0])
         results = [out]
