@@ -90,3 +90,20 @@ def test_half_precision_features_are_upcast(method):
     half = loss(torch.bfloat16, None)
     assert half.dtype == torch.float32 and torch.isfinite(half)
     assert torch.equal(half, loss(torch.bfloat16, torch.float32))
+
+
+def test_dataset_labels_follow_subsets_and_index_wrappers(tmp_path):
+    """MethodContext.train_labels as the trainer builds it (CRD's negatives): the labels of the
+    training set in index order through val-split / train-subset Subsets and WithIndex."""
+    from torch.utils.data import Subset
+
+    from topkd.data import get_dataset
+    from topkd.engine.data import WithIndex, dataset_labels
+
+    make_cifar100(tmp_path / "data", n_train=32, n_test=8)
+    ds = get_dataset("cifar100", tmp_path / "data", "train", augment=False)
+    wrapped = WithIndex(Subset(Subset(ds, list(range(31, 1, -2))), [3, 0, 7, 7, 2]))
+    got = dataset_labels(wrapped)
+    assert got.tolist() == [int(wrapped[i][1]) for i in range(len(wrapped))]
+    assert got.dtype == torch.long and len(set(got.tolist())) > 1
+    assert dataset_labels(torch.utils.data.TensorDataset(torch.zeros(3))) is None

@@ -201,6 +201,10 @@ class CRD(Method):
     ``normalize(m * M[i] + (1 - m) * e)``. CIFAR-100 reference (mdistiller ``cfg.py``): ce 1,
     feat_weight 0.8, feat_dim 128, nce_k 16384, nce_t 0.07, momentum 0.5, mode exact.
 
+    The contrast sets are drawn as mdistiller's sampling dataset draws them (other-class
+    negatives; needs ``MethodContext.train_labels``), from a generator seeded by one draw of the
+    global torch RNG plus the DDP rank: a resumed run draws the same sets.
+
     The memory banks (2 x N x feat_dim floats) and ``Z`` are buffers: saved in checkpoints and
     restored on resume. Under DDP every rank updates its banks with the embeddings and indices
     of all ranks (all-gathered; a sample padded onto two ranks updates once) and ``Z`` is the
