@@ -40,13 +40,13 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
     """
     from topkd.models.cifar_resnet import CifarResNet
     from topkd.models.cifar_resnetv2 import CifarResNetV2
+    from topkd.models.features import unwrap_model
     from topkd.models.imagenet_resnet import _resnet_class
     from topkd.models.mobilenetv1 import MobileNetV1
     from topkd.models.vgg import VGG
     from topkd.models.wrn import WideResNet
 
-    m = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    m = getattr(m, "_orig_mod", m)  # torch.compile
+    m = unwrap_model(model)  # DistributedDataParallel / torch.compile wrappers
     if isinstance(m, CifarResNet):
         bns = [getattr(m, f"layer{i}")[-1].bn2 for i in (1, 2, 3)]
     elif isinstance(m, (CifarResNetV2, _resnet_class())):
