@@ -13,10 +13,12 @@ which a shared machine's load does not inflate, next to wall seconds.
 
 For each method on a pair: its trainable parameters and its buffers (what it adds to a
 checkpoint), built exactly as the trainer builds it (sizes from the models). CRD's memory banks
-scale with the training set, so CRD is also built with the CIFAR-100 (50,000) and ImageNet-1k
-(1,281,167) training-set sizes; "per step" is the contrast set CRD gathers from its two banks at
-batch ``B`` (``2 * B * (nce_k + 1) * feat_dim`` floats, kept for backward) plus the ``B x N``
-sampling mask.
+scale with the training set: it is built with the CIFAR-100 (50,000) and ImageNet-1k (1,281,167)
+training-set sizes; "per step" is what CRD allocates per step at batch ``B`` besides the models:
+the ``B x N`` keys and mask of the negatives' draw (in chunks of at most ``2**26`` pairs), plus
+either the contrast rows gathered from its two banks (``2 B (nce_k + 1) feat_dim`` floats, kept
+for backward) or, on the dense path, the ``2 N B`` scores and the out-of-place update of the two
+banks.
 
 "CRD scores" times ``contrast_scores`` forward + backward (w.r.t. the embeddings) at the CIFAR-100
 reference size (``B`` 64, ``N`` 50,000, ``K`` 16,384, ``D`` 128): the reference's gather of the
@@ -48,7 +50,7 @@ def sizes(method: torch.nn.Module) -> tuple[int, int]:
     return params, state
 
 
-def main() -> None:
+def memory() -> None:
     print("| pair | method | parameters | checkpoint state (MB) | CRD per step (MB) |")
     print("| --- | --- | --- | --- | --- |")
     for pair, (teacher, student, size, nc, n, batch) in PAIRS.items():
@@ -64,8 +66,13 @@ def main() -> None:
             step = "-"
             if name == "crd":
                 p = m.params
-                gathered = 2 * batch * (p.nce_k + 1) * p.feat_dim * 4
-                step = f"{(gathered + batch * n * 4) / MB:.0f} (B={batch})"
+                # float keys + bool mask of the negatives' draw, in chunks of <= 2**26 pairs
+                keys = min(batch, max(1, 2**26 // n)) * n * 5
+                if m.dense:  # scores of the whole bank + the out-of-place bank update
+                    extra, how = 2 * n * batch * 4 + 2 * n * p.feat_dim * 4, "dense"
+                else:  # the gathered contrast rows
+                    extra, how = 2 * batch * (p.nce_k + 1) * p.feat_dim * 4, "gather"
+                step = f"{(extra + keys) / MB:.0f} (B={batch}, {how})"
             print(f"| {pair} | {name} | {params / 1e6:.2f} M | {state / MB:.1f} | {step} |")
             del m
 
@@ -128,6 +135,15 @@ def crd_scores(rounds: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    step_costs()
-    main()
-    crd_scores()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="cost,memory,scores",
+                    help="comma-separated: cost (step cost vs KD), memory, scores (CRD)")
+    parts = ap.parse_args().parts.split(",")
+    if "cost" in parts:
+        step_costs()
+    if "memory" in parts:
+        memory()
+    if "scores" in parts:
+        crd_scores()

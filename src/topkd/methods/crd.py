@@ -53,8 +53,8 @@ def contrast_scores(v: Tensor, memory: Tensor, contrast_idx: Tensor, temperature
     ``False`` gathers the ``B (K+1)`` bank rows and multiplies them (the reference's way, memory
     bound); ``True`` multiplies the whole bank ``(N, D) x (D, B)`` and picks the entries (one
     GEMM, ``N x B`` floats). ``None``: dense when ``N <= 16 (K+1)``, e.g. CIFAR-100 with the
-    reference's ``K`` (12x faster on CPU, ``benchmarks`` in docs/methods.md), gathered for
-    ImageNet-size banks.
+    reference's ``K`` (about 5x faster forward + backward on one CPU thread and 1 GB less per
+    step at batch 64: ``benchmarks/feature_methods.py``), gathered for ImageNet-size banks.
     """
     b, d = v.shape
     if dense is None:
