@@ -155,7 +155,8 @@ class ReviewKD(Method):
         if len(s_pool) != 1 or len(t_pool) != 1:
             raise ValueError("reviewkd needs (D,) pooled features")
         # mdistiller's configuration, in its orders: channels shallow -> deep, sizes deep ->
-        # shallow (the pooled level is 1x1).
+        # shallow (the pooled level is 1x1). ``shapes`` (the student's sizes, to which an ABF
+        # upsamples the residual) is what each student feature's own size gives at run time.
         self.in_channels = [c for c, _, _ in s_maps] + [s_pool[0]]
         self.out_channels = [c for c, _, _ in t_maps] + [t_pool[0]]
         self.shapes = [(1, 1)] + [(h, w) for _, h, w in reversed(s_maps)]
