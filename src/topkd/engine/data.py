@@ -44,6 +44,28 @@ class WithIndex(Dataset):
         self.ds.set_epoch(epoch)  # type: ignore[attr-defined]
 
 
+def dataset_labels(ds: Dataset) -> torch.Tensor | None:
+    """``(len(ds),)`` int64 labels of ``ds`` in index order, through ``Subset``/``WithIndex``
+    wrappers, from the base dataset's ``targets``; ``None`` if it has none."""
+    import numpy as np
+
+    idx: np.ndarray | None = None
+    while True:
+        if isinstance(ds, Subset):
+            sub = np.asarray(ds.indices, dtype=np.int64)
+            idx = sub if idx is None else sub[idx]
+            ds = ds.dataset
+        elif isinstance(ds, WithIndex):
+            ds = ds.ds
+        else:
+            break
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        return None
+    t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    return t if idx is None else t[torch.from_numpy(idx)]
+
+
 def build_datasets(cfg: Config) -> Datasets:
     """Train (augmented per ``data.augment`` and the policies/views of
     :mod:`topkd.data.augment`), optional held-out val (test-time transform), test."""

@@ -188,9 +188,15 @@ class Trainer:
     def _build_method(self) -> nn.Module:
         from topkd.methods import MethodContext, ParamError, create_method
 
+        labels = None
+        if self.method_cls.needs_index:
+            from topkd.engine.data import dataset_labels
+
+            labels = dataset_labels(self.train_ds)
         ctx = MethodContext(num_classes=self.data.num_classes, student=self.model,
                             teacher=self.teacher, input_size=self.data.input_size,
-                            num_samples=len(self.train_ds))  # type: ignore[arg-type]
+                            num_samples=len(self.train_ds),  # type: ignore[arg-type]
+                            train_labels=labels)
         try:
             method = create_method(self.cfg.method, ctx)
         except (ValueError, ParamError) as e:
