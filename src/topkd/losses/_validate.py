@@ -43,6 +43,13 @@ def check_nonneg(fn: str, name: str, value: float) -> None:
         raise ValueError(f"{fn}: {name} must be a number >= 0, got {value!r}")
 
 
+def check_weights(fn: str, **weights: float) -> None:
+    """Loss weights are numbers >= 0: a negative weight would turn a distance into a reward
+    (the criterion's spec rejects them too, so both APIs accept the same values)."""
+    for name, value in weights.items():
+        check_nonneg(fn, name, value)
+
+
 def check_k(fn: str, k: int, num_classes: int, *, two_sided: bool) -> None:
     """``1 <= k`` and ``2k <= C`` (TDL/TopKD: disjoint top and bottom k) or ``k <= C`` (TSM)."""
     if isinstance(k, bool) or not isinstance(k, int):
