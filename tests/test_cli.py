@@ -120,3 +120,20 @@ def test_resume_explicit_path(capsys, cfg_file, tmp_path):
     assert json.loads((tmp_path / "runs/a/summary.json").read_text())["epochs"] == 2
     assert cli.main(["train", str(cfg_file), "--resume", str(tmp_path / "x.pt")]) == 2
     assert "resume checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_eval_of_damaged_checkpoint_is_one_line(capsys, cfg_file, tmp_path, damage):
+    import os
+
+    assert cli.main(["train", str(cfg_file), "train.epochs=1"]) == 0
+    good = (tmp_path / "runs/cli/checkpoints/last.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes({"empty": b"", "truncated": good[: len(good) // 2],
+                     "random": os.urandom(1000)}[damage])
+    for extra in ([], ["--model", "test_tinynet", "--dataset", "cifar100"]):
+        capsys.readouterr()
+        assert cli.main(["eval", str(bad), "--num-workers", "0", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("topkd: error: ") and f"{bad} is truncated or corrupt" in err
+        assert "Traceback" not in err and err.count("\n") == 1

@@ -171,15 +171,18 @@ def _run_training(args: argparse.Namespace) -> int:
 
 
 def _embedded_config(path: Path) -> dict[str, Any] | None:
-    import torch
+    """The config a topkd checkpoint embeds (``None`` for foreign files).
+
+    An empty, truncated or foreign file raises ``CorruptCheckpointError`` naming it, before
+    any dataset or model is built.
+    """
+    from topkd.checkpoints import UnsafeCheckpointError, load_state_dict_file
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - safetensors / foreign files: no embedded config
+        obj, meta = load_state_dict_file(path)
+    except UnsafeCheckpointError:  # reported with its advice by load_weights
         return None
-    if not isinstance(obj, dict):
-        return None
-    cfg = obj.get("config") or (obj.get("meta") or {}).get("config")
+    cfg = (obj.get("config") if isinstance(obj, dict) else None) or meta.get("config")
     return cfg if isinstance(cfg, dict) else None
 
 
@@ -250,13 +253,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
+    from topkd.checkpoints import (
+        CheckpointMismatchError,
+        CorruptCheckpointError,
+        UnsafeCheckpointError,
+    )
     from topkd.config import ConfigError
     from topkd.data import DatasetNotFoundError
     from topkd.engine.trainer import NonFiniteLossError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetNotFoundError) as e:
+    except (ConfigError, DatasetNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
+            CheckpointMismatchError) as e:
         if os.environ.get("TOPKD_DEBUG"):
             raise
         return _fail(str(e))

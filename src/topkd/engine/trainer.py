@@ -12,6 +12,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -34,6 +36,7 @@ from topkd.utils.io import atomic_torch_save, atomic_write_text
 from topkd.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 CKPT_FORMAT = "topkd.trainstate/v1"
+PREV_CKPT = "last.prev.pt"  # the previous epoch's last.pt (resume falls back to it)
 MODES = ("train", "distill")
 
 
@@ -171,7 +174,7 @@ class Trainer:
                                    Path(tc.checkpoint).expanduser(), verbose=self.is_main,
                                    **tc.kwargs)
         except (ValueError, TypeError, CheckpointMismatchError, UnsafeCheckpointError) as e:
-            raise ConfigError(f"teacher: {e}") from None
+            raise ConfigError(f"teacher: {e}") from None  # incl. CorruptCheckpointError
         mf = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         teacher = teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
         return torch.compile(teacher) if self.cfg.train.compile else teacher
@@ -201,7 +204,20 @@ class Trainer:
         return p
 
     def _load_checkpoint(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        from topkd.checkpoints import CorruptCheckpointError, UnsafeCheckpointError, read_torch_file
+
+        try:
+            ck = read_torch_file(path)
+        except (CorruptCheckpointError, UnsafeCheckpointError) as e:
+            prev = self.ckpt_dir / PREV_CKPT
+            if path.resolve() == (self.ckpt_dir / "last.pt").resolve() and prev.is_file():
+                # A damaged last.pt (copied/synced partially: our own writes are atomic): the
+                # previous epoch's state is the last good one; never restart from scratch.
+                warnings.warn(f"cannot resume from {path}: {e} Resuming from the previous "
+                              f"epoch's checkpoint {prev} instead.", stacklevel=2)
+                self.resumed_from = prev
+                return self._load_checkpoint(prev)
+            raise ConfigError(f"cannot resume: {e}") from None
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise ConfigError(f"{path} is not a topkd training checkpoint (no {CKPT_FORMAT!r}); "
                               "to start from weights only, use teacher.checkpoint / load_weights")
@@ -242,7 +258,10 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config": self.cfg.to_dict(),
         }
-        atomic_torch_save(state, self.ckpt_dir / "last.pt")
+        last = self.ckpt_dir / "last.pt"
+        if last.is_file():  # keep the previous good state: the fallback for a damaged last.pt
+            _keep_previous(last, self.ckpt_dir / PREV_CKPT)
+        atomic_torch_save(state, last)
         if improved:
             from topkd.checkpoints import save_weights
 
@@ -481,6 +500,17 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _keep_previous(last: Path, prev: Path) -> None:
+    """Make ``prev`` the current ``last`` (a hard link, so no copy), replacing it atomically."""
+    tmp = prev.with_name(f".{prev.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # file system without hard links
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, prev)
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
