@@ -137,3 +137,23 @@ def test_eval_of_damaged_checkpoint_is_one_line(capsys, cfg_file, tmp_path, dama
         err = capsys.readouterr().err
         assert err.startswith("topkd: error: ") and f"{bad} is truncated or corrupt" in err
         assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("blocked", ["output_dir", "checkpoints"])
+def test_unwritable_output_dir_is_checked_first(capsys, cfg_file, tmp_path, blocked):
+    """A file where the run directory (or its checkpoints/) must go: one line, before the data
+    is even looked at (data.root points nowhere here, and that is not what is reported)."""
+    (tmp_path / "blocker").write_text("x")
+    if blocked == "output_dir":
+        args = [f"output_dir={tmp_path / 'blocker'}"]
+        blocker = tmp_path / "blocker"
+    else:
+        (tmp_path / "out/cli").mkdir(parents=True)
+        (tmp_path / "out/cli/checkpoints").write_text("x")
+        args = ["--output-dir", str(tmp_path / "out")]
+        blocker = tmp_path / "out/cli/checkpoints"
+    assert cli.main(["train", str(cfg_file), *args, f"data.root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topkd: error: cannot write the run directory") and \
+        f"{blocker} exists and is not a directory" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1

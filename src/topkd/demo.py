@@ -384,7 +384,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    out.mkdir(parents=True, exist_ok=True)
+    from topkd.utils.io import writable_dir_problem
+
+    for d in (out, cache_dir):
+        if why := writable_dir_problem(d):
+            print(f"topkd demo: cannot write {d}: {why} (choose another --output-dir / "
+                  "--cache-dir)", file=sys.stderr)
+            return 2
     distilling = [m for m in methods if m != "ce"]
     try:
         t_cfg = teacher_config(args)

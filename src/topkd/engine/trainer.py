@@ -32,7 +32,7 @@ from topkd.engine.evaluate import evaluate
 from topkd.engine.optim import LRSchedule, build_optimizer, set_lr
 from topkd.utils.dist import DistInfo, all_reduce_sum, init_distributed
 from topkd.utils.env import collect_env
-from topkd.utils.io import atomic_torch_save, atomic_write_text
+from topkd.utils.io import atomic_torch_save, atomic_write_text, writable_dir_problem
 from topkd.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 CKPT_FORMAT = "topkd.trainstate/v1"
@@ -75,6 +75,9 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main and (why := writable_dir_problem(self.ckpt_dir)):  # before data/models
+            raise ConfigError(f"cannot write the run directory {self.run_dir}: {why} "
+                              "(choose another output_dir= / --output-dir, or name=)")
         t = cfg.train
         self.uses_teacher = loss_needs_teacher(cfg.loss)
         if mode == "train" and self.uses_teacher:
