@@ -66,10 +66,17 @@ def test_missing_lazy_module_is_a_clean_error(capsys, monkeypatch):
 
 
 def test_train_then_eval_matches_engine(capsys, cfg_file, tmp_path):
-    assert cli.main(["train", str(cfg_file), "optim.lr=0.2", "--device", "cpu"]) == 0
+    # No val split here: best.pt only with the explicit, labelled oracle option.
+    assert cli.main(["train", str(cfg_file), "optim.lr=0.2", "--device", "cpu",
+                     "train.best_on=test"]) == 0
     run = tmp_path / "runs" / "cli"
     summary = json.loads((run / "summary.json").read_text())
-    assert "done: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: best.pt is picked on the TEST split (train.best_on=test): an oracle" in out
+    assert f"done: {run}: last-epoch test acc@1 {summary['last_test_acc1']:.2f} (no validation " \
+        f"split); best.pt picked on TEST (train.best_on=test, an oracle): " \
+        f"{summary['best_test_acc1']:.2f}" in out
+    assert summary["best_on"] == "test"
     # Embedded config: no other argument needed.
     assert cli.main(["eval", str(run / "checkpoints/last.pt"), "--json", "--num-workers", "0"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -77,7 +84,7 @@ def test_train_then_eval_matches_engine(capsys, cfg_file, tmp_path):
     assert res["acc1"] == pytest.approx(summary["last_test_acc1"])
     assert res["acc5"] == pytest.approx(summary["last_test_acc5"])
     assert res["loss"] == pytest.approx(summary["last_test_loss"], rel=1e-6)
-    # Explicit model/dataset on best.pt: the best-on-test epoch (no val split here).
+    # Explicit model/dataset on best.pt: the best-on-test epoch (train.best_on=test).
     assert cli.main(["eval", str(run / "checkpoints/best.pt"), "--model", "test_tinynet",
                      "--dataset", "cifar100", "--data-root", str(tmp_path / "data"),
                      "--num-workers", "0"]) == 0

@@ -268,3 +268,32 @@ def test_train_subset_progress_callback_and_quiet(tmp_path, capsys):
     assert len(read_metrics(cfg.run_dir)) == 2 and (cfg.run_dir / "summary.json").is_file()
     with pytest.raises(ConfigError, match="data.train_subset"):
         tiny_config(tmp_path, data={"train_subset": 0})
+
+
+def test_best_pt_selection_val_test_or_none(tmp_path, capsys):
+    """best.pt follows train.best_on: the best-val epoch (auto with a val split), the best-test
+    epoch only when asked (labelled an oracle), and no best.pt at all without a val split."""
+    sections = {"train": {"epochs": 3}, "optim": {"lr": 0.2}}
+    runs = {}
+    for name, extra in (("auto_val", {"data": {"val_fraction": 0.25}}),
+                        ("oracle", {"data": {"val_fraction": 0.25},
+                                    "train": {"best_on": "test"}}),
+                        ("no_val", {})):
+        cfg = tiny_config(tmp_path, name=name, **{k: {**sections.get(k, {}), **extra.get(k, {})}
+                                                  for k in {*sections, *extra}})
+        runs[name] = (cfg, Trainer(cfg, "train").fit())
+    cfg, s = runs["auto_val"]
+    meta = load_weights(create_model("test_tinynet", 100), cfg.run_dir / "checkpoints/best.pt",
+                        verbose=False).meta
+    assert s["best_on"] == "val" and meta["selected_on"] == "val"
+    assert meta["epoch"] == s["best_val_epoch"]
+    cfg, s = runs["oracle"]
+    meta = load_weights(create_model("test_tinynet", 100), cfg.run_dir / "checkpoints/best.pt",
+                        verbose=False).meta
+    assert s["best_on"] == "test" and meta["selected_on"] == "test (oracle)"
+    assert meta["epoch"] == s["best_test_epoch"]
+    assert s["test_acc1_at_best_val"] is not None  # the honest number is still reported
+    cfg, s = runs["no_val"]
+    assert s["best_on"] is None and s["test_acc1_at_best_val"] is None
+    assert not (cfg.run_dir / "checkpoints/best.pt").exists()
+    assert "no validation split (data.val_fraction=0): no best.pt" in capsys.readouterr().out

@@ -162,12 +162,29 @@ def _run_training(args: argparse.Namespace) -> int:
                                  argv=["topkd", *args.argv])
     finally:
         cleanup_distributed()
-    if int(os.environ.get("RANK", "0")) == 0 and summaries and summaries[-1]:
-        s = summaries[-1]
-        best = (f", test acc@1 at best val {s['test_acc1_at_best_val']:.2f}"
-                if s.get("test_acc1_at_best_val") is not None else "")
-        print(f"done: {cfg.run_dir} (last test acc@1 {s['last_test_acc1']:.2f}{best})")
+    if int(os.environ.get("RANK", "0")) == 0 and summaries and all(summaries):
+        print(f"done: {cfg.run_dir}: {_result_line(summaries)}")
     return 0
+
+
+def _result_line(summaries: list[dict[str, Any]]) -> str:
+    """The honest number first: test acc@1 at the best-val epoch (mean ± std over seeds)."""
+    from topkd.engine.summary import format_mean_std
+
+    def stat(key: str) -> str:
+        return format_mean_std([float(s[key]) for s in summaries])
+
+    seeds = f" over {len(summaries)} seeds" if len(summaries) > 1 else ""
+    if all(s.get("test_acc1_at_best_val") is not None for s in summaries):
+        epochs = ", ".join(str(s["best_val_epoch"]) for s in summaries)
+        out = (f"test acc@1 {stat('test_acc1_at_best_val')} at the best-val epoch{seeds} "
+               f"(epoch {epochs}; last epoch {stat('last_test_acc1')})")
+    else:
+        out = f"last-epoch test acc@1 {stat('last_test_acc1')}{seeds} (no validation split)"
+    if any(s.get("best_on") == "test" for s in summaries):
+        out += (f"; best.pt picked on TEST (train.best_on=test, an oracle): "
+                f"{stat('best_test_acc1')}")
+    return out
 
 
 def _embedded_config(path: Path) -> dict[str, Any] | None:

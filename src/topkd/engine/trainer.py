@@ -269,6 +269,7 @@ class Trainer:
             from topkd.checkpoints import save_weights
 
             meta = {"epoch": epoch, "metrics": row, "model": self.cfg.model.name,
+                    "selected_on": "val" if self.best_on == "val" else "test (oracle)",
                     "config": self.cfg.to_dict()}
             save_weights(self.model, self.ckpt_dir / "best.pt", meta=meta)
 
@@ -300,6 +301,11 @@ class Trainer:
             warnings.warn(f"{self.run_dir} already holds a run: starting from scratch overwrites "
                           "it (use --resume to continue it)", stacklevel=3)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not self.quiet and self.best_on != "val":
+            print("note: " + ("best.pt is picked on the TEST split (train.best_on=test): an "
+                              "oracle, labelled so in summary.json" if self.best_on == "test" else
+                              "no validation split (data.val_fraction=0): no best.pt is written "
+                              "and the run's number is its last-epoch test accuracy"), flush=True)
         self.cfg.save(self.run_dir / "config.yaml")
         env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
         env["mode"] = self.mode
@@ -463,14 +469,14 @@ class Trainer:
         row = {k: row[k] for k in row if k not in ("epoch_time_s", "images_per_s")} | {
             "epoch_time_s": stats["epoch_time_s"], "images_per_s": stats["images_per_s"]}
         b = self.best
-        improved = False
+        improved = False  # best.pt is rewritten only on the split train.best_on selects
         if val is not None and (b["best_val_acc1"] is None or val["acc1"] > b["best_val_acc1"]):
             b.update(best_val_acc1=val["acc1"], best_val_epoch=epoch,
                      test_acc1_at_best_val=test["acc1"])
-            improved = True
+            improved = self.best_on == "val"
         if b["best_test_acc1"] is None or test["acc1"] > b["best_test_acc1"]:
             b.update(best_test_acc1=test["acc1"], best_test_epoch=epoch)
-            improved = improved or val is None
+            improved = improved or self.best_on == "test"
         b.update(last_test_acc1=test["acc1"], last_test_acc5=test["acc5"],
                  last_test_loss=test["loss"])
         if not self.is_main:
@@ -493,9 +499,17 @@ class Trainer:
               f"{stats['train_acc1']:.2f}{vtxt} test@1 {test['acc1']:.2f} "
               f"({stats['images_per_s']:.0f} img/s, {stats['epoch_time_s']:.1f}s)", flush=True)
 
+    @property
+    def best_on(self) -> str | None:
+        """The split that picks ``best.pt``: ``"val"``, ``"test"`` (oracle) or ``None``."""
+        choice = self.cfg.train.best_on
+        if choice == "auto":
+            return "val" if self.val_loader is not None else None
+        return choice
+
     def _finish(self) -> dict[str, Any]:
         summary = {"name": self.cfg.name, "seed": self.cfg.seed, "epochs": self.cfg.train.epochs,
-                   "mode": self.mode,
+                   "mode": self.mode, "best_on": self.best_on,
                    **{k: self.best[k] for k in (
                        "best_val_acc1", "best_val_epoch", "test_acc1_at_best_val",
                        "last_test_acc1", "last_test_acc5", "last_test_loss",
