@@ -216,3 +216,20 @@ def test_bytes_per_sample_and_disk(ds, full_cache):
     assert bytes_per_sample(1000, views=1, topk=10, dtype="float16", aug_params=0) == 42
     c = TeacherLogitCache.open(full_cache)
     assert c.disk_bytes() > len(ds) * bytes_per_sample(10, 3, None, "float32")
+
+
+def test_transform_mismatch_names_what_the_cache_cannot_replay():
+    from types import SimpleNamespace
+
+    from topkd.cache import ReplayableCropFlip, transform_mismatch
+    from topkd.data.transforms import build_transform, crop_flip, rotate_flip
+
+    norm = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    cache = SimpleNamespace(augment=ReplayableCropFlip(padding=4), header=norm)
+    assert transform_mismatch(cache, build_transform(crop_flip(32, 4), **norm)) is None
+    # Tiny-ImageNet's rotation (mdistiller's pipeline) is not a crop: refused, not replaced
+    why = transform_mismatch(cache, build_transform(rotate_flip(20), **norm))
+    assert "PILRandomRotation" in why and "RandomCrop(padding 4) + HFlip" in why
+    assert "RandomCrop(size=(32, 32), padding=2)" in transform_mismatch(
+        cache, build_transform(crop_flip(32, 2), **norm))
+    assert transform_mismatch(cache, lambda x: x) is None  # foreign transforms are not checked

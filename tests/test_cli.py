@@ -164,3 +164,30 @@ def test_unwritable_output_dir_is_checked_first(capsys, cfg_file, tmp_path, bloc
     assert err.startswith("topkd: error: cannot write the run directory") and \
         f"{blocker} exists and is not a directory" in err, err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_eval_set_applies_to_the_embedded_config_or_is_an_error(capsys, cfg_file, tmp_path):
+    import torch
+
+    assert cli.main(["train", str(cfg_file), "train.epochs=1"]) == 0
+    last = tmp_path / "runs/cli/checkpoints/last.pt"
+    capsys.readouterr()
+    # applied: the embedded config's data.root is overridden (and then not found)
+    assert cli.main(["eval", str(last), "--num-workers", "0", "--set",
+                     f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+    plain = tmp_path / "plain.pt"  # a bare state_dict embeds no config
+    torch.save(torch.load(last, weights_only=True)["model"], plain)
+    assert cli.main(["eval", str(plain), "--model", "test_tinynet", "--dataset", "cifar100",
+                     "--set", "data.batch_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "--set data.batch_size=8: there is no config to override" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(capsys, cfg_file):
+    assert cli.main(["train", str(cfg_file), "train.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topkd: error: train.device='cuda' but CUDA is not available")
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -297,3 +297,39 @@ def test_best_pt_selection_val_test_or_none(tmp_path, capsys):
     assert s["best_on"] is None and s["test_acc1_at_best_val"] is None
     assert not (cfg.run_dir / "checkpoints/best.pt").exists()
     assert "no validation split (data.val_fraction=0): no best.pt" in capsys.readouterr().out
+
+
+def test_teacher_cache_refuses_data_options_it_would_ignore(teacher_run, tmp_path):
+    """With train.teacher_cache the cache's replayed augmentation and normalisation feed the
+    student: data.augment and the normalisation options must agree with it, or it is an error
+    (they used to be ignored silently)."""
+    from topkd.cache import ReplayableCropFlip, build_cache
+    from topkd.checkpoints import load_teacher
+    from topkd.data import get_dataset
+
+    tmp, tcfg, _ = teacher_run
+    ckpt = str(tcfg.run_dir / "checkpoints/best.pt")
+    teacher_sec = {"name": "test_tinynet", "kwargs": {"width": 16}, "checkpoint": ckpt}
+    teacher = load_teacher("test_tinynet", 100, ckpt, verbose=False, width=16)
+    train = get_dataset("cifar100", tmp / "data", "train", augment=False)
+    caches = {aug: build_cache(teacher, train, tmp_path / f"cache_{aug}", views=2 if aug else 1,
+                               augment=ReplayableCropFlip(padding=4) if aug else None,
+                               progress=False, teacher_name="test_tinynet", checkpoint=ckpt,
+                               dataset_name="cifar100")
+              for aug in (True, False)}
+
+    def trainer(aug_cache: bool, **data):
+        cfg = tiny_config(tmp_path, loss={"preset": "kd"}, teacher=teacher_sec, data=data,
+                          train={"teacher_cache": str(caches[aug_cache]), "epochs": 1})
+        return Trainer(cfg, "distill")
+
+    assert trainer(True, augment=True).uses_cache  # crop(32, pad 4) + flip: what it replays
+    assert trainer(False, augment=False).uses_cache
+    with pytest.raises(ConfigError, match=r"data.augment=false, but the cache replays augmented"):
+        trainer(True, augment=False)
+    with pytest.raises(ConfigError, match=r"augmentation .*RandomCrop.* would not be applied"):
+        trainer(False, augment=True)
+    with pytest.raises(ConfigError, match=r"normalises with mean \[0.5, 0.5, 0.5\].*the cache "):
+        trainer(False, augment=False, kwargs={"mean": [0.5] * 3, "std": [0.5] * 3})
+    with pytest.raises(ConfigError, match=r"not normalised .*normalize=false"):
+        trainer(False, augment=False, kwargs={"normalize": False})

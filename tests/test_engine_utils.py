@@ -82,3 +82,14 @@ def test_demo_checks_its_output_dir_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot write" in err and "exists and is not a directory" in err
     assert "Traceback" not in err
+
+
+def test_gpu_index_under_ddp_is_an_error_not_silently_replaced(monkeypatch):
+    from topkd.utils.dist import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"train.device='cuda:1' under DDP \(2 processes\): each "
+                                         r"process uses cuda:\$LOCAL_RANK; set train.device=cuda"):
+        init_distributed("cuda:1")

@@ -73,7 +73,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="weights file (run checkpoints embed their config)")
     p.add_argument("--config", default=None, help="config giving model and dataset")
     p.add_argument("--set", nargs="*", default=[], metavar="key.sub=value",
-                   help="overrides for --config")
+                   help="overrides for --config, or for the config the checkpoint embeds")
     p.add_argument("--model", default=None, help="model name (topkd.models / timm:<name>)")
     p.add_argument("--model-kwargs", default=None, metavar="YAML",
                    help="model kwargs as a YAML mapping, e.g. '{width: 16}'")
@@ -208,7 +208,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from topkd.checkpoints import CheckpointMismatchError, UnsafeCheckpointError, load_weights
-    from topkd.config import Config, ConfigError, load_config
+    from topkd.config import Config, ConfigError, apply_override, load_config
     from topkd.data import get_dataset
     from topkd.engine.evaluate import evaluate
     from topkd.models import create_model
@@ -221,7 +221,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, args.set)
     elif (emb := _embedded_config(ckpt)) is not None:
+        for ov in args.set:  # --set applies to the checkpoint's embedded config
+            apply_override(emb, ov)
         cfg = Config.from_dict(emb)
+    elif args.set:
+        raise ConfigError(f"--set {' '.join(args.set)}: there is no config to override ({ckpt} "
+                          "embeds none): pass --config CFG, or --model/--dataset/--data-root")
     model_name = args.model or (cfg.model.name if cfg else None)
     dataset = args.dataset or (cfg.data.name if cfg else None)
     if not model_name or not dataset:

@@ -97,7 +97,7 @@ class Trainer:
                 train_ds = wrap_dataset(train_ds, t.teacher_cache, seed=cfg.seed,
                                         teacher_name=cfg.teacher.name,
                                         checkpoint=cfg.teacher.checkpoint,
-                                        dataset_name=cfg.data.name)
+                                        dataset_name=cfg.data.name, match_transform=True)
             except (ValueError, FileNotFoundError) as e:  # incl. CacheMismatchError
                 raise ConfigError(f"train.teacher_cache={t.teacher_cache}: {e}") from None
         self.train_ds = train_ds
