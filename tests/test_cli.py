@@ -191,3 +191,16 @@ def test_cuda_device_without_cuda_is_one_line(capsys, cfg_file):
     err = capsys.readouterr().err
     assert err.startswith("topkd: error: train.device='cuda' but CUDA is not available")
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_interrupted_training_points_to_resume(capsys, cfg_file, monkeypatch):
+    import topkd.engine.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(topkd.engine.run, "run_training", interrupted)
+    assert cli.main(["train", str(cfg_file)]) == 130
+    err = capsys.readouterr().err
+    assert err == ("topkd: error: interrupted; checkpoints/last.pt holds the last finished epoch: "
+                   "run the same command with --resume to continue\n")

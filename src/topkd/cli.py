@@ -117,6 +117,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             p.set_defaults(func=mod.run)
         except Exception as e:  # noqa: BLE001 - any import problem: report it cleanly
             err = f"'topkd {name}' is unavailable: cannot import {module} ({type(e).__name__}: {e})"
+            if isinstance(e, ModuleNotFoundError) and (missing := _missing_extra(e)):
+                err = f"'topkd {name}' is unavailable: {missing}"
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(func=lambda args, err=err: _fail(err))
     return parser
@@ -275,28 +277,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
-    from topkd.checkpoints import (
-        CheckpointMismatchError,
-        CorruptCheckpointError,
-        UnsafeCheckpointError,
-    )
-    from topkd.config import ConfigError
-    from topkd.data import DatasetNotFoundError
-    from topkd.engine.trainer import NonFiniteLossError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetNotFoundError, CorruptCheckpointError, UnsafeCheckpointError,
-            CheckpointMismatchError) as e:
-        if os.environ.get("TOPKD_DEBUG"):
-            raise
-        return _fail(str(e))
-    except NonFiniteLossError as e:
-        if os.environ.get("TOPKD_DEBUG"):
-            raise
-        return _fail(f"training stopped: {e}", 1)
     except KeyboardInterrupt:
+        if getattr(args, "func", None) is _run_training:
+            return _fail("interrupted; checkpoints/last.pt holds the last finished epoch: run the "
+                         "same command with --resume to continue", 130)
         return _fail("interrupted", 130)
+    except ModuleNotFoundError as e:
+        if (missing := _missing_extra(e)) is None or os.environ.get("TOPKD_DEBUG"):
+            raise
+        return _fail(missing)
+    except Exception as e:
+        if os.environ.get("TOPKD_DEBUG"):
+            raise
+        if isinstance(e, _loaded(("topkd.engine.trainer", "NonFiniteLossError"))):
+            return _fail(f"training stopped: {e}", 1)
+        if isinstance(e, _loaded(*USER_ERRORS)):
+            return _fail(str(e))
+        raise
+
+
+# Errors printed as one line (exit status 2): bad configs, data, checkpoints.
+USER_ERRORS = (
+    ("topkd.config", "ConfigError"),
+    ("topkd.data.errors", "DatasetNotFoundError"),
+    ("topkd.checkpoints", "CorruptCheckpointError"),
+    ("topkd.checkpoints", "UnsafeCheckpointError"),
+    ("topkd.checkpoints", "CheckpointMismatchError"),
+)
+
+
+def _loaded(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The named exception classes of modules already imported (a module never imported
+    cannot have raised; importing it here could fail without the optional extras)."""
+    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+
+
+def _extra_packages() -> dict[str, str]:
+    """Import name -> distribution of the ``train`` extra (what a plain install lacks)."""
+    return {"torchvision": "torchvision", "timm": "timm", "tqdm": "tqdm",
+            "tensorboard": "tensorboard", "matplotlib": "matplotlib",
+            "safetensors": "safetensors"}
+
+
+def _missing_extra(e: ModuleNotFoundError) -> str | None:
+    """One line for a missing optional dependency, ``None`` if ``e`` is something else."""
+    root = (e.name or "").split(".")[0]
+    dist = _extra_packages().get(root)
+    if dist is None:
+        return None
+    return (f"this command needs the optional dependency {dist!r}, which is not installed: "
+            "pip install 'topkd[train]'")
 
 
 if __name__ == "__main__":  # pragma: no cover
