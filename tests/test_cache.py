@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+import topkd.losses as losses
 from topkd.cache import (
     CacheMismatchError,
     ReplayableCropFlip,
@@ -97,7 +98,6 @@ def test_replay_matches_torchvision_pixel_exact():
 
 
 def test_full_cache_equals_online_teacher_losses(ds, full_cache):
-    losses = pytest.importorskip("topkd.losses")
     teacher = _teacher()
     wrapped = wrap_dataset(ds, full_cache, seed=3, teacher_name="t", dataset_name="toy")
     assert len(wrapped) == len(ds)
@@ -127,7 +127,6 @@ def test_float16_cache_close_to_online(ds, tmp_path):
 
 @pytest.mark.parametrize("k", [3, 9])
 def test_topk_cache_exact_topk_and_bounded_rest(ds, tmp_path, k):
-    losses = pytest.importorskip("topkd.losses")
     build_cache(_teacher(), ds, tmp_path / "k", views=2, topk=k, progress=False, dtype="float32")
     w = wrap_dataset(ds, tmp_path / "k")
     x, y, t = w.batch(np.arange(len(ds)))

@@ -1,9 +1,10 @@
 """The YAML configs under ``configs/``: composition, the paper's numbers, registry names.
 
 The recipe/weight checks compose files with a small reference implementation of the documented
-``defaults:`` rule (deep-merge in order, then the file itself) so they run without
+``defaults:`` rule (deep-merge in order, then the file itself), independent of
 ``topkd.config``; ``test_every_config_loads_through_load_config`` then checks that the real loader
-agrees with it on every file.
+agrees with it on every file. The project's own modules are imported at the top: if one fails to
+import, these tests fail (they never skip).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
+
+import topkd.data as data
+import topkd.losses as losses
+import topkd.models as models
+from topkd.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -238,10 +244,6 @@ def _distill_leaves() -> list[Path]:
 
 
 def test_model_and_dataset_names_are_registered():
-    models = pytest.importorskip("topkd.models", reason="topkd.models not importable yet")
-    data = pytest.importorskip("topkd.data", reason="topkd.data not importable yet")
-    if not hasattr(data, "list_datasets"):
-        pytest.skip("topkd.data.list_datasets not there yet")
     registered = set(models.list_models(include_aliases=True))
     datasets = set(data.list_datasets())
     for p in LEAVES:
@@ -258,8 +260,6 @@ def test_model_and_dataset_names_are_registered():
 
 def test_every_model_builds_with_its_config_kwargs():
     """One instance per distinct (name, kwargs, dataset): the config's kwargs are accepted."""
-    models = pytest.importorskip("topkd.models", reason="topkd.models not importable yet")
-    data = pytest.importorskip("topkd.data", reason="topkd.data not importable yet")
     seen: set[tuple[str, str, str]] = set()
     for p in LEAVES:
         cfg = compose(p)
@@ -275,9 +275,6 @@ def test_every_model_builds_with_its_config_kwargs():
 
 
 def test_every_loss_section_is_a_valid_loss_spec():
-    losses = pytest.importorskip("topkd.losses", reason="topkd.losses not importable yet")
-    if not hasattr(losses, "LossSpec"):
-        pytest.skip("topkd.losses.LossSpec has not landed yet")
     for p in ALL_YAML:
         cfg = compose(p)
         if "loss" in cfg:
@@ -289,18 +286,11 @@ def test_every_loss_section_is_a_valid_loss_spec():
                "dkd_tsm_tdl"])
 def test_method_files_equal_the_loss_presets(method):
     """methods/<m>.yaml and ``LossSpec.preset(m)`` (topkd.losses) are the same loss."""
-    losses = pytest.importorskip("topkd.losses", reason="topkd.losses not importable yet")
-    if not hasattr(losses.LossSpec, "preset"):
-        pytest.skip("topkd.losses.LossSpec.preset has not landed yet")
     spec = losses.LossSpec.from_dict(compose(CONFIGS / "methods" / f"{method}.yaml")["loss"])
     assert spec == losses.LossSpec.preset(method)
 
 
 def test_every_config_loads_through_load_config():
-    try:
-        from topkd.config import load_config
-    except ImportError as e:  # the engine engineer's module (or its LossSpec import) not there
-        pytest.skip(f"topkd.config.load_config not importable yet: {e}")
     for p in ALL_YAML:
         cfg = load_config(p)
         ref = compose(p)
@@ -323,10 +313,6 @@ def test_every_config_loads_through_load_config():
 
 def test_every_loss_computes_a_finite_value_for_its_dataset():
     """Each leaf's loss runs on logits of its dataset's class count (e.g. 2k <= C for TDL)."""
-    losses = pytest.importorskip("topkd.losses", reason="topkd.losses not importable yet")
-    data = pytest.importorskip("topkd.data", reason="topkd.data not importable yet")
-    if not hasattr(losses, "DistillationLoss"):
-        pytest.skip("topkd.losses.DistillationLoss has not landed yet")
     import torch
 
     gen = torch.Generator().manual_seed(0)

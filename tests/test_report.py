@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from topkd import report
+from topkd import cli, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -203,7 +203,6 @@ def test_method_label(loss, label):
 
 
 def test_topkd_cli_dispatches_to_report(runs, capsys):
-    cli = pytest.importorskip("topkd.cli", reason="topkd.cli not there yet")
     assert cli.main(["report", str(runs["kd"]), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert rows[0]["name"] == runs["kd"].name and rows[0]["n"] == "3"
