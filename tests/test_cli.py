@@ -39,6 +39,27 @@ def test_help_of_every_command(capsys, cmd, expect):
         assert s in out, s
 
 
+@pytest.mark.parametrize("cmd", [[], ["train"], ["distill"], ["eval"], ["transfer"],
+                                 ["report"], ["demo"]])
+def test_help_is_plain_text(capsys, cmd):
+    """No reST markup (``x``, :func:) and no pointer to commands that do not exist."""
+    with pytest.raises(SystemExit):
+        cli.main([*cmd, "--help"])
+    out = capsys.readouterr().out
+    for markup in ("``", ":func:", ":class:", ":data:", ":mod:", "topkd models"):
+        assert markup not in out, (cmd, markup)
+
+
+def test_eval_workers_follow_the_config_and_the_cores(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    cfg = SimpleNamespace(data=SimpleNamespace(num_workers=0))
+    assert cli.eval_workers(None, cfg) == 0  # the checkpoint's config says 0
+    assert cli.eval_workers(None, None) == 2  # default 4, but only 2 cores
+    assert cli.eval_workers(8, None) == 2 and cli.eval_workers(1, cfg) == 1
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--version"])
@@ -204,3 +225,17 @@ def test_interrupted_training_points_to_resume(capsys, cfg_file, monkeypatch):
     err = capsys.readouterr().err
     assert err == ("topkd: error: interrupted; checkpoints/last.pt holds the last finished epoch: "
                    "run the same command with --resume to continue\n")
+
+
+def test_eval_strict_mismatch_suggests_the_cli_flag(capsys, cfg_file, tmp_path):
+    assert cli.main(["train", str(cfg_file), "train.epochs=1"]) == 0
+    last = str(tmp_path / "runs/cli/checkpoints/last.pt")
+    capsys.readouterr()
+    other = ["--model", "test_tinynet", "--model-kwargs", "{width: 4}", "--dataset", "cifar100",
+             "--data-root", str(tmp_path / "data"), "--num-workers", "0"]
+    assert cli.main(["eval", last, *other]) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatch" in err and "--no-strict loads the matching tensors only" in err
+    assert "strict=False" not in err and "Traceback" not in err
+    assert cli.main(["eval", last, *other, "--no-strict"]) == 0
+    assert "skipped: 0 missing, 0 unexpected, 3 shape-mismatched" in capsys.readouterr().out

@@ -121,7 +121,8 @@ def test_distill_from_last_pt_and_errors(teacher_run, tmp_path):
         Trainer(bad, "distill")
     bad = tiny_config(tmp_path, loss={"preset": "kd"},
                       teacher={"name": "test_tinynet", "checkpoint": str(tmp_path / "x.pt")})
-    with pytest.raises(ConfigError, match="teacher.checkpoint not found"):
+    with pytest.raises(ConfigError, match=r"teacher.checkpoint not found: .*x\.pt \(train the "
+                                          r"teacher first, or .* teacher\.checkpoint=PATH\)"):
         Trainer(bad, "distill")
     with pytest.raises(ConfigError, match="model: unknown model 'nonet'"):
         Trainer(tiny_config(tmp_path, model={"name": "nonet"}), "train")

@@ -315,6 +315,16 @@ def test_bad_inputs_raise():
         L.kd_loss(s, t[:, :9], validate=False)
 
 
+def test_negative_label_points_to_ignore_index():
+    s, t, y = make(4, 10)
+    y[1] = -100
+    with pytest.raises(ValueError, match=r"e\.g\. -100; if -100 marks rows to skip, pass "
+                                         r"ignore_index=-100 \(in a config: loss.ignore_index"):
+        L.dkd_loss(s, t, y)
+    with pytest.raises(ValueError, match=r"e\.g\. 10$"):  # too large: no such hint
+        L.dkd_loss(s, t, y.clamp_min(0).index_fill(0, torch.tensor([2]), 10))
+
+
 @pytest.mark.parametrize("call, name", [
     (lambda s, t, y: L.dkd_loss(s, t, y, alpha=-1.0), "dkd_loss: alpha"),
     (lambda s, t, y: L.dkd_loss(s, t, y, beta=-8.0), "dkd_loss: beta"),

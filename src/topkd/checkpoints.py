@@ -59,6 +59,11 @@ class UnsafeCheckpointError(RuntimeError):
     """The file can only be read by unpickling arbitrary Python objects; topkd refuses."""
 
 
+#: Last line of a strict-load mismatch message; front-ends replace it with their own option.
+STRICT_HINT = ("  (is it the right architecture / num_classes? pass strict=False to load the "
+               "matching tensors only)")
+
+
 class CorruptCheckpointError(ValueError):
     """The file is empty, truncated or not a checkpoint at all (random bytes, text...)."""
 
@@ -285,10 +290,7 @@ def load_weights(
         if mismatch:
             shown = [f"{k} checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatch]
             lines.append(f"  shape mismatch ({len(mismatch)}): {_fmt_keys(shown)}")
-        lines.append(
-            "  (is it the right architecture / num_classes? pass strict=False to load the "
-            "matching tensors only)"
-        )
+        lines.append(STRICT_HINT)
         raise CheckpointMismatchError("\n".join(lines), missing, unexpected, mismatch)
 
     bad = {k for k, _, _ in mismatch} | set(unexpected)

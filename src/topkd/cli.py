@@ -1,12 +1,6 @@
 """``topkd`` command line: train, distill, eval (+ transfer, report, demo from their modules).
 
-    topkd train   CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
-    topkd distill CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
-    topkd eval    CHECKPOINT [--config CFG | --model NAME --dataset NAME] [--json]
-    torchrun --nproc_per_node=N -m topkd distill CONFIG ...        # DDP
-
-Configuration and validation errors print one line and exit with status 2
-(set ``TOPKD_DEBUG=1`` for the traceback).
+The text shown by ``topkd --help`` is :data:`DESCRIPTION` (plain text, no markup).
 """
 
 from __future__ import annotations
@@ -23,6 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import topkd
+
+DESCRIPTION = """\
+topkd: knowledge distillation (TopKD, KD, DKD, LS, ...) from YAML configs.
+
+    topkd train   CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
+    topkd distill CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
+    topkd eval    CHECKPOINT [--config CFG | --model NAME --dataset NAME] [--json]
+    torchrun --nproc_per_node=N -m topkd distill CONFIG ...        # DDP
+
+Configuration and validation errors print one line and exit with status 2
+(set TOPKD_DEBUG=1 for the traceback).
+"""
 
 # Subcommands implemented in other modules, each exposing add_arguments(parser) and
 # run(args) -> int; imported only when selected so `topkd --help` stays fast and robust.
@@ -81,7 +87,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="dataset root folder")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loading processes (default: the config's data.num_workers, else "
+                        "4; at most the number of CPU cores)")
+    p.add_argument("--no-strict", action="store_true",
+                   help="load only the tensors whose names and shapes match the model (the rest "
+                        "is reported and keeps its initial values)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
 
@@ -92,7 +103,7 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="topkd", description=__doc__, formatter_class=fmt)
+    parser = argparse.ArgumentParser(prog="topkd", description=DESCRIPTION, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"topkd {topkd.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     knobs = _knobs()
@@ -205,11 +216,23 @@ def _embedded_config(path: Path) -> dict[str, Any] | None:
     return cfg if isinstance(cfg, dict) else None
 
 
+def eval_workers(requested: int | None, cfg: Any | None) -> int:
+    """``--num-workers``, else the config's ``data.num_workers``, else 4; never more processes
+    than CPU cores (extra workers only compete for them)."""
+    n = requested if requested is not None else (cfg.data.num_workers if cfg else 4)
+    return max(0, min(n, os.cpu_count() or 1))
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     import yaml
     from torch.utils.data import DataLoader
 
-    from topkd.checkpoints import CheckpointMismatchError, UnsafeCheckpointError, load_weights
+    from topkd.checkpoints import (
+        STRICT_HINT,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+        load_weights,
+    )
     from topkd.config import Config, ConfigError, apply_override, load_config
     from topkd.data import get_dataset
     from topkd.engine.evaluate import evaluate
@@ -249,11 +272,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     try:
-        load_weights(model, ckpt, verbose=not args.json)
-    except (CheckpointMismatchError, UnsafeCheckpointError) as e:
+        load_weights(model, ckpt, strict=not args.no_strict, verbose=not args.json)
+    except CheckpointMismatchError as e:
+        raise ConfigError(str(e).replace(STRICT_HINT, "  (is it the right architecture / "
+                          "num_classes? --no-strict loads the matching tensors only)")) from None
+    except UnsafeCheckpointError as e:
         raise ConfigError(str(e)) from None
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=eval_workers(args.num_workers, cfg),
+                        pin_memory=device.type == "cuda")
     res = evaluate(model.to(device), loader, device)
     out = {"checkpoint": str(ckpt), "model": model_name, "dataset": dataset,
            "split": args.split, "acc1": res["acc1"], "acc5": res["acc5"], "loss": res["loss"],

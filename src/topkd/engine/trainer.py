@@ -161,6 +161,7 @@ class Trainer:
 
     def _build_teacher(self) -> nn.Module:
         from topkd.checkpoints import (
+            STRICT_HINT,
             CheckpointMismatchError,
             UnsafeCheckpointError,
             load_teacher,
@@ -171,12 +172,18 @@ class Trainer:
             raise ConfigError("distillation needs teacher.name and teacher.checkpoint (path to "
                               "the teacher's weights) or train.teacher_cache")
         if not Path(tc.checkpoint).expanduser().is_file():
-            raise ConfigError(f"teacher.checkpoint not found: {tc.checkpoint}")
+            raise ConfigError(f"teacher.checkpoint not found: {tc.checkpoint} (train the teacher "
+                              "first, or point to its weights on the command line: "
+                              "teacher.checkpoint=PATH)")
         try:
             teacher = load_teacher(tc.name, self.data.num_classes,
                                    Path(tc.checkpoint).expanduser(), verbose=self.is_main,
                                    **tc.kwargs)
-        except (ValueError, TypeError, CheckpointMismatchError, UnsafeCheckpointError) as e:
+        except CheckpointMismatchError as e:
+            raise ConfigError(f"teacher: {str(e).replace(STRICT_HINT, '')}  (do teacher.name and "
+                              "teacher.kwargs give the architecture this file was saved from?)"
+                              ) from None
+        except (ValueError, TypeError, UnsafeCheckpointError) as e:
             raise ConfigError(f"teacher: {e}") from None  # incl. CorruptCheckpointError
         mf = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         teacher = teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
