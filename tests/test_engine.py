@@ -334,3 +334,17 @@ def test_teacher_cache_refuses_data_options_it_would_ignore(teacher_run, tmp_pat
         trainer(False, augment=False, kwargs={"mean": [0.5] * 3, "std": [0.5] * 3})
     with pytest.raises(ConfigError, match=r"not normalised .*normalize=false"):
         trainer(False, augment=False, kwargs={"normalize": False})
+
+
+def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
+    """No TTY (a log file): a progress line within the epoch (step, loss, ETA), so that a long
+    epoch does not look like a hang; none with quiet=True."""
+    import topkd.engine.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "PROGRESS_LINE_EVERY_S", 0.0)
+    cfg = tiny_config(tmp_path, train={"epochs": 1, "log_every": 1})
+    Trainer(cfg, "train").fit()
+    out = capsys.readouterr().out
+    assert "[tiny seed 0] epoch 1/1 step 1/2 loss " in out and "epoch ETA" in out
+    Trainer(cfg, "train", run_dir=tmp_path / "q", quiet=True).fit()
+    assert "step 1/2" not in capsys.readouterr().out

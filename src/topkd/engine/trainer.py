@@ -36,6 +36,9 @@ from topkd.utils.io import atomic_torch_save, atomic_write_text, writable_dir_pr
 from topkd.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 CKPT_FORMAT = "topkd.trainstate/v1"
+#: Without a terminal (no progress bar) a progress line is printed at the first log point
+#: after this many seconds within an epoch, so long epochs never look like a hang.
+PROGRESS_LINE_EVERY_S = 60.0
 PREV_CKPT = "last.prev.pt"  # the previous epoch's last.pt (resume falls back to it)
 MODES = ("train", "distill")
 
@@ -343,6 +346,7 @@ class Trainer:
             self.train_ds.set_epoch(epoch)  # type: ignore[attr-defined]
         steps, log_every = self.steps_per_epoch, cfg.train.log_every
         show = self.is_main and not self.quiet and sys.stderr.isatty()
+        lines = self.is_main and not self.quiet and not show  # a log file: periodic lines
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
         keys: list[str] = []  # tensor-valued loss terms, fixed at the first step
@@ -354,7 +358,7 @@ class Trainer:
         bad_step = torch.full((), -1, dtype=torch.long, device=dev)
         bad_vals = sums
         n_seen, lr0 = 0, self.schedule(epoch - 1, 0)
-        t0 = tlog = time.perf_counter()
+        t0 = tlog = tline = time.perf_counter()
         for step, batch in enumerate(self.train_loader):
             if step >= steps:
                 break
@@ -395,6 +399,12 @@ class Trainer:
                     post["img/s"] = f"{n * log_every / max(now - tlog, 1e-9):.0f}"
                     bar.set_postfix(post, refresh=False)
                     tlog = now
+                elif lines and (now := time.perf_counter()) - tline >= PROGRESS_LINE_EVERY_S:
+                    tline, done = now, step + 1
+                    eta = (now - t0) / done * (steps - done)
+                    print(f"[{cfg.name} seed {cfg.seed}] epoch {epoch}/{cfg.train.epochs} step "
+                          f"{done}/{steps} loss {float(sums[0]) / n_seen:.4f} "
+                          f"({n_seen / (now - t0):.0f} img/s, epoch ETA {eta:.0f}s)", flush=True)
         bar.close()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # honest epoch time
