@@ -28,7 +28,7 @@ def close(a, b, tol=1e-9):
 
 
 def hand_composed(name, s, t, y, epoch):
-    """Each preset written out with the functional API, from method.md's formulas."""
+    """Each preset written out with the functional API, from the formulas of docs/spec.md."""
     ce = F.cross_entropy(s, y)
     ls = lambda z: L.standardize(z)  # noqa: E731
     w20 = min(epoch / 20, 1)

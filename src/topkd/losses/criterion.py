@@ -128,7 +128,7 @@ class LossSpec:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LossSpec:
-        """A named method with the CIFAR defaults of method.md, e.g. ``preset("kd+tsm+tdl")``.
+        """A named method with the CIFAR defaults of docs/spec.md, e.g. ``preset("kd+tsm+tdl")``.
 
         Names (case-insensitive, ``_`` works as ``+``): see ``METHODS.names()``.
         """
@@ -158,7 +158,7 @@ class LossSpec:
         return min(float(epoch) / float(self.warmup), 1.0)
 
 
-#: Named methods (CIFAR-100 defaults of method.md / configs/methods/*.yaml).
+#: Named methods (CIFAR-100 defaults of docs/spec.md / configs/methods/*.yaml).
 METHODS: Registry = Registry("loss method")
 
 

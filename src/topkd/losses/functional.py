@@ -1,4 +1,4 @@
-r"""Functional distillation losses (the public contract of ``/shared/method.md``).
+r"""Functional distillation losses (their contract: ``docs/spec.md``).
 
 Conventions shared by every function:
 
