@@ -177,11 +177,52 @@ def train_teacher(data: DemoData, epochs: int, lr: float = 0.05, bs: int = 128, 
     return model.eval()
 
 
-def make_criterion(spec: dict[str, Any]) -> nn.Module:
-    """``topkd.losses.DistillationLoss`` for a LossSpec dict."""
-    from topkd.losses import DistillationLoss, LossSpec
+def method_section(spec: dict[str, Any]) -> dict[str, Any]:
+    """The ``method:`` section (topkd.methods) equal to a recorded flat loss spec of this loop.
 
-    return DistillationLoss(LossSpec.from_dict(dict(spec)))
+    The specs above are kept as recorded (the flat fields of the loss configuration of the time:
+    ``base``, ``base_weight``, ``dkd_alpha``...); this maps them onto the method registry.
+    """
+    sp = dict(spec)
+    base = sp.pop("base", "none")
+    common = {k: sp.pop(k) for k in ("ce", "warmup") if k in sp}
+    tsm_on = sp.pop("tsm", False)
+    tsm = {k: sp.pop(k) for k in ("gamma", "lam", "correct_gt", "schedule") if k in sp}
+    k = sp.pop("k", None)
+    tdl_w = sp.pop("tdl_weight", 0.0)
+    tdl = {"weight": tdl_w, "alpha": sp.pop("tdl_alpha", 1.0), "beta": sp.pop("tdl_beta", 0.5)}
+    ls = sp.pop("ls", False)
+    bw = sp.pop("base_weight", 1.0)
+    if base == "none":
+        return {"name": "ce", "ce": common.get("ce", 1.0)}
+    out: dict[str, Any] = {"name": base, **common}
+    if base == "topkd":
+        out.update(k=k if k is not None else 5, w_con=sp.pop("w_con", 1.0) * bw,
+                   w_tdl=sp.pop("w_tdl", 1.0) * bw, tau=sp.pop("tau", 0.1),
+                   alpha=tdl["alpha"], beta=tdl["beta"], tsm=tsm if tsm_on else None)
+    else:
+        out["temperature"] = sp.pop("temperature", 4.0)
+        if base == "kd":
+            out["kd_weight"] = bw
+        else:
+            out.update(alpha=sp.pop("dkd_alpha", 1.0) * bw, beta=sp.pop("dkd_beta", 8.0) * bw)
+        out["ls"] = ls
+        if tsm_on or tdl_w:
+            out["k"] = k if k is not None else 5
+        out["tsm"] = tsm if tsm_on else None
+        out["tdl"] = tdl if tdl_w else None
+    for key in ("w_con", "w_tdl", "tau", "temperature", "dkd_alpha", "dkd_beta"):
+        sp.pop(key, None)  # recorded defaults of fields the method does not have
+    if sp:
+        raise ValueError(f"unmapped recorded loss fields: {sorted(sp)}")
+    return out
+
+
+def make_criterion(spec: dict[str, Any]) -> nn.Module:
+    """The registered method (``topkd.methods``) of a recorded spec."""
+    from topkd.methods import create_method
+
+    return create_method(method_section(spec))
 
 
 @dataclass

@@ -1,16 +1,17 @@
 """Distillation-step throughput: the topkd engine's step vs a minimal plain-PyTorch KD loop.
 
-"ours" is the engine's own training step, :meth:`topkd.engine.trainer.Trainer._step`, of a
-Trainer built from a real :class:`topkd.config.Config` (``loss.preset`` kd / topkd, default
-SGD optimiser) by :func:`topkd.engine.bench.build_step_trainer`. The reference is the loop
-public KD code writes: ``with torch.no_grad(): t = T(x)``, student forward, ``0.1*CE +
-0.9*T^2*KL`` with ``F.kl_div`` on temperature-scaled log-softmaxes, backward, SGD step (same
-lr/momentum/weight decay as the engine's default). Rows (images/s of one training step):
+"ours" is the engine's own training step, :class:`topkd.engine.step.TrainStep`, built from a
+real :class:`topkd.config.Config` (``method.name`` kd / topkd with their reference defaults,
+default SGD optimiser) by :func:`topkd.engine.bench.build_step`, as the trainer builds it.
+The reference is the loop public KD code writes: ``with torch.no_grad(): t = T(x)``, student
+forward, ``0.1*CE + 0.9*T^2*KL`` with ``F.kl_div`` on temperature-scaled log-softmaxes,
+backward, SGD step (same lr/momentum/weight decay as the engine's default).
+Rows (images/s of one training step):
 
 * ``plain KD (online)``        the reference, teacher forward every step (ratio 1.00);
-* ``topkd KD/TopKD (online)``  ``Trainer._step(x, y, None, epoch)``;
+* ``topkd KD/TopKD (online)``  ``step(x, y, epoch=epoch)``;
 * ``... (cache)``              teacher logits from a :mod:`topkd.cache` teacher-logit cache,
-                               passed as ``_step``'s ``cached`` argument as the engine does with
+                               passed as the step's ``cached`` argument as the engine does with
                                ``train.teacher_cache`` (the plain loop uses them instead of
                                ``T(x)``); the timed loop pays the cache lookup + pixel-exact
                                replay of the cached view (``CachedLogitDataset.batch``).
@@ -47,7 +48,7 @@ from torch import nn
 
 from _fmnist_loop import METHODS, load_data, train_student
 from topkd.cache import ReplayableCropFlip, build_cache, wrap_dataset
-from topkd.engine.bench import build_step_trainer
+from topkd.engine.bench import build_step
 from topkd.models import create_model
 
 REF = "plain KD (online)"
@@ -76,22 +77,23 @@ def make_loops(teacher_name: str, student_name: str, num_classes: int
                ) -> tuple[dict[str, tuple[Step, bool]], nn.Module]:
     """name -> (step(x, y, cached_or_None), uses_cache), and the shared teacher."""
     loops: dict[str, tuple[Step, bool]] = {}
-    ref_tr = build_step_trainer(teacher_name, student_name, "kd", num_classes, device="cpu")
-    teacher, o = ref_tr.teacher, ref_tr.cfg.optim  # o: the engine's default SGD settings
+    ref = build_step(teacher_name, student_name, "kd", num_classes, device="cpu")
+    teacher = ref.teacher
+    o = ref.optimizer.param_groups[0]  # the engine's default SGD settings
     assert teacher is not None
     plain: dict[bool, Step] = {}
     engine: dict[tuple[str, bool], Step] = {}
     for use_cache in (False, True):
         student = create_model(student_name, num_classes).train()
-        opt = torch.optim.SGD(student.parameters(), lr=o.lr, momentum=o.momentum,
-                              weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(student.parameters(), lr=o["lr"], momentum=o["momentum"],
+                              weight_decay=o["weight_decay"])
         plain[use_cache] = (lambda x, y, t, s=student, op=opt:
                             plain_kd_step(s, teacher, op, x, y, t))
         for loss in ("kd", "topkd"):
-            tr = build_step_trainer(teacher_name, student_name, loss, num_classes, device="cpu")
-            tr.teacher = teacher  # one teacher for every loop
-            ep = tr.cfg.loss.warmup + 1  # past the loss warm-up: every term at full weight
-            engine[loss, use_cache] = (lambda x, y, t, tr=tr, ep=ep: tr._step(x, y, t, ep))
+            st = build_step(teacher_name, student_name, loss, num_classes, device="cpu",
+                            teacher_model=teacher)  # one teacher for every loop
+            ep = st.method.params.warmup + 1  # past the warm-up: every term at full weight
+            engine[loss, use_cache] = (lambda x, y, t, st=st, ep=ep: st(x, y, epoch=ep, cached=t))
     for use_cache, tag in ((False, "online"), (True, "cache")):
         loops[f"plain KD ({tag})"] = (plain[use_cache], use_cache)
         loops[f"topkd KD ({tag})"] = (engine["kd", use_cache], use_cache)

@@ -69,18 +69,56 @@ LIGHT = "cifar100_lightstudent.yaml"
 
 CIFAR_PAIRS: tuple[Pair, ...] = (
     Pair("res56_res20", "resnet56", "resnet20", cifar_ckpt("resnet56"), C100, SAME, 2.0),
-    Pair("res110_res32", "resnet110", "resnet32", cifar_ckpt("resnet110"), C100, SAME),
+    Pair("res110_res32", "resnet110", "resnet32", cifar_ckpt("resnet110"), C100, SAME, 2.0),
     Pair("res32x4_res8x4", "resnet32x4", "resnet8x4", cifar_ckpt("resnet32x4"), C100, SAME),
     Pair("wrn40_2_wrn16_2", "wrn_40_2", "wrn_16_2", cifar_ckpt("wrn_40_2"), C100, SAME, 6.0),
-    Pair("wrn40_2_wrn40_1", "wrn_40_2", "wrn_40_1", cifar_ckpt("wrn_40_2"), C100, SAME),
+    Pair("wrn40_2_wrn40_1", "wrn_40_2", "wrn_40_1", cifar_ckpt("wrn_40_2"), C100, SAME, 6.0),
     Pair("vgg13_vgg8", "vgg13", "vgg8", cifar_ckpt("vgg13"), C100, SAME, 6.0),
     Pair("res32x4_shuv1", "resnet32x4", "shufflev1", cifar_ckpt("resnet32x4"), LIGHT, CROSS),
     Pair("res32x4_shuv2", "resnet32x4", "shufflev2", cifar_ckpt("resnet32x4"), LIGHT, CROSS),
     Pair("wrn40_2_shuv1", "wrn_40_2", "shufflev1", cifar_ckpt("wrn_40_2"), LIGHT, CROSS),
-    Pair("vgg13_mv2", "vgg13", "mobilenetv2", cifar_ckpt("vgg13"), LIGHT, CROSS),
+    Pair("vgg13_mv2", "vgg13", "mobilenetv2", cifar_ckpt("vgg13"), LIGHT, CROSS, 6.0),
     Pair("res50_mv2", "resnet50_cifar", "mobilenetv2", cifar_ckpt("ResNet50"), LIGHT, CROSS),
 )
-CIFAR_METHODS = ("kd", "dkd", "kd_ls", "dkd_ls", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
+
+
+def _method_files(folder: str) -> tuple[str, ...]:
+    """Stems of ``configs/<folder>/*.yaml`` that configure a distillation method.
+
+    A file counts when its composed ``method:`` section names a method other than ``ce``;
+    fragments (``tsm_tdl.yaml``) and plain cross-entropy do not. Adding a method's config file
+    to ``methods/`` therefore adds it to the CIFAR-100 grid.
+    """
+    import yaml
+
+    def name_of(path: Path) -> str | None:
+        data = yaml.safe_load(path.read_text()) or {}
+        own = (data.get("method") or {}).get("name")
+        if own is not None:
+            return str(own)
+        for d in reversed(data.get("defaults") or []):
+            found = name_of(path.parent / d)
+            if found is not None:
+                return found
+        return None
+
+    return tuple(sorted(p.stem for p in (CONFIG_DIR / folder).glob("*.yaml")
+                        if name_of(p) not in (None, "ce")))
+
+
+CIFAR_METHODS = _method_files("methods")
+# Per-pair settings of a method on CIFAR-100 beyond the method file (e.g. a pair's hint layer):
+# ``pair_overrides/cifar100/<method file stem>.yaml`` maps pair keys to ``method:`` values; its
+# optional ``unsupported: {pair: reason}`` skips pairs the method cannot run (the reason is kept
+# in docs/methods.md). DKD's per-pair beta stays in the pair table below (it also drives dkd_ls).
+PAIR_OVERRIDES_DIR = "pair_overrides/cifar100"
+
+
+def _pair_overrides(method: str) -> dict[str, dict[str, object]]:
+    import yaml
+
+    p = CONFIG_DIR / PAIR_OVERRIDES_DIR / f"{method}.yaml"
+    return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 DKD_METHODS = frozenset({"dkd", "dkd_ls", "dkd_tsm_tdl"})
 
 IMAGENET_PAIRS: tuple[Pair, ...] = (
@@ -90,7 +128,7 @@ IMAGENET_PAIRS: tuple[Pair, ...] = (
          "checkpoints/imagenet_teachers/resnet50-0676ba61.pth", "imagenet.yaml", "ImageNet",
          2.0),
 )  # fmt: skip
-IMAGENET_METHODS = ("kd", "dkd", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
+IMAGENET_METHODS = _method_files("methods/imagenet")
 
 # mdistiller's Tiny-ImageNet teacher is its CIFAR-style ResNet18 (``resnet18_cifar`` here) trained
 # at 64x64; students ShuffleV2 (the same network as mdistiller's) and MobileNetV2 (mdistiller's
@@ -127,11 +165,11 @@ FMNIST_METHODS = ("kd", "dkd", "kd_ls", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
 # over beta 8 at 20 epochs, 3 seeds); a 2-epoch warm-up for 20 epochs. `topkd demo` reads these.
 FMNIST_OVERRIDES: dict[str, dict[str, object]] = {
     "kd": {},
-    "dkd": {"dkd_beta": 4.0, "warmup": 2},
+    "dkd": {"beta": 4.0, "warmup": 2},
     "kd_ls": {},
     "topkd": {"k": 2, "warmup": 2},
     "kd_tsm_tdl": {"k": 2},
-    "dkd_tsm_tdl": {"dkd_beta": 4.0, "k": 2, "warmup": 2},
+    "dkd_tsm_tdl": {"beta": 4.0, "k": 2, "warmup": 2},
 }
 
 CIFAR_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "resnet50_cifar")
@@ -185,20 +223,27 @@ def _distill_leaves(
     methods: tuple[str, ...],
     method_dir: str,
     overrides: dict[str, dict[str, object]] | None = None,
+    per_pair: bool = False,
 ) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
         out[f"pairs/{dataset}/{pair.key}.yaml"] = _pair_file(dataset, pair)
         for method in methods:
             loss: dict[str, object] = dict((overrides or {}).get(method, {}))
+            if per_pair:
+                table = _pair_overrides(method)
+                if pair.key in (table.get("unsupported") or {}):
+                    continue
+                loss.update(table.get(pair.key) or {})
             if pair.dkd_beta is not None and method in DKD_METHODS:
-                loss["dkd_beta"] = pair.dkd_beta
+                # DKD+LS: the LS code multiplies DKD's alpha and beta by its kd weight 9.
+                loss["beta"] = pair.dkd_beta * (9.0 if method == "dkd_ls" else 1.0)
             defaults = [
                 f"../../base/{pair.base}",
                 f"../../pairs/{dataset}/{pair.key}.yaml",
                 f"../../{method_dir}/{method}.yaml",
             ]
-            extra = [f"loss: {_flow(loss)}"] if loss else []
+            extra = [f"method: {_flow(loss)}"] if loss else []
             name = f"{dataset}_{pair.key}_{method}"
             out[f"{dataset}/{pair.key}/{method}.yaml"] = _leaf(defaults, name, extra)
     return out
@@ -221,7 +266,8 @@ def _scratch(kind: str, dataset: str, model: str, base: str,
 def generate() -> dict[str, str]:
     """Every generated file: ``{path relative to configs/: text}``."""
     out: dict[str, str] = {}
-    out.update(_distill_leaves("cifar100", CIFAR_PAIRS, CIFAR_METHODS, "methods"))
+    out.update(_distill_leaves("cifar100", CIFAR_PAIRS, CIFAR_METHODS, "methods",
+                               per_pair=True))
     out.update(_distill_leaves("imagenet", IMAGENET_PAIRS, IMAGENET_METHODS, "methods/imagenet"))
     out.update(_distill_leaves("tiny_imagenet", TINY_PAIRS, TINY_METHODS, "methods"))
     out.update(_distill_leaves("cifar100_vit", VIT_PAIRS, VIT_METHODS, "methods"))

@@ -28,15 +28,15 @@ def test_throughput_benchmark_runs_engine_step(monkeypatch, tmp_path):
 
     tp = _load_throughput(monkeypatch)
     calls: list[int] = []
-    from topkd.engine.trainer import Trainer
+    from topkd.engine.step import TrainStep
 
-    real_step = Trainer._step
+    real_step = TrainStep.__call__
 
-    def counting_step(self, x, y, cached, epoch):
+    def counting_step(self, x, y, *, epoch, cached=None, **kw):
         calls.append(0 if cached is None else 1)
-        return real_step(self, x, y, cached, epoch)
+        return real_step(self, x, y, epoch=epoch, cached=cached, **kw)
 
-    monkeypatch.setattr(Trainer, "_step", counting_step)
+    monkeypatch.setattr(TrainStep, "__call__", counting_step)
     threads = torch.get_num_threads()
     try:
         out = tp.benchmark(["--batch-size", "8", "--steps", "2", "--rounds", "1",
@@ -52,7 +52,7 @@ def test_throughput_benchmark_runs_engine_step(monkeypatch, tmp_path):
         assert v["wall_img_s"] > 0 and v["cpu_img_s"] > 0
         assert math.isfinite(v["ratio_cpu"]) and v["ratio_cpu"] > 0
     assert res[tp.REF]["ratio_cpu"] == 1.0 and res[tp.REF]["ratio_wall"] == 1.0
-    # "topkd" rows are Trainer._step: 2 losses x 2 steps x 2 rounds (warm-up + 1), online
+    # "topkd" rows are the engine's TrainStep: 2 losses x 2 steps x 2 rounds (warm-up + 1), online
     # with cached=None and cached with the cache's logits.
     assert calls.count(0) == 8 and calls.count(1) == 8
     assert (tmp_path / "tp.json").exists()

@@ -21,10 +21,12 @@ def cfg_file(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("cmd, expect", [
-    ([], ["train", "distill", "eval", "transfer", "report", "demo"]),
+    ([], ["train", "distill", "eval", "methods", "transfer", "report", "demo"]),
     (["train"], ["--resume", "--seeds", "--output-dir", "--device", "optim.lr", "train.amp",
-                 "one of {none, bf16, fp16}", "loss.temperature", "data.val_fraction"]),
-    (["distill"], ["--resume", "teacher.checkpoint", "train.teacher_cache", "loss.preset"]),
+                 "one of {none, bf16, fp16}", "method.name", "data.val_fraction"]),
+    (["distill"], ["--resume", "teacher.checkpoint", "train.teacher_cache", "method.name",
+                   "topkd methods NAME"]),
+    (["methods"], ["--markdown", "NAME"]),
     (["eval"], ["--json", "--model", "--dataset", "--config", "--split"]),
     (["transfer"], ["usage: topkd transfer"]),
     (["report"], ["usage: topkd report"]),
@@ -40,7 +42,7 @@ def test_help_of_every_command(capsys, cmd, expect):
 
 
 @pytest.mark.parametrize("cmd", [[], ["train"], ["distill"], ["eval"], ["transfer"],
-                                 ["report"], ["demo"]])
+                                 ["report"], ["demo"], ["methods"]])
 def test_help_is_plain_text(capsys, cmd):
     """No reST markup (``x``, :func:) and no pointer to commands that do not exist."""
     with pytest.raises(SystemExit):
@@ -60,6 +62,14 @@ def test_eval_workers_follow_the_config_and_the_cores(monkeypatch):
     assert cli.eval_workers(8, None) == 2 and cli.eval_workers(1, cfg) == 1
 
 
+def test_distill_without_a_distillation_term_is_an_error(capsys, cfg_file):
+    # the config's method is plain CE: 'topkd distill' would silently train CE for the schedule
+    assert cli.main(["distill", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert "'topkd distill' distils from a teacher, but method 'ce' has no distillation term" \
+        in err and "Traceback" not in err
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--version"])
@@ -70,7 +80,12 @@ def test_version(capsys):
     (["train.amp=fp8"], "invalid value for 'train.amp': 'fp8'; expected one of {none, bf16"),
     (["train.ampp=1"], "unknown config key 'train.ampp'; allowed keys under 'train'"),
     (["--seeds", "0,x"], "--seeds expects comma-separated integers"),
-    (["loss.preset=kd"], "'topkd train' trains the model alone"),
+    (["method.name=kd"], "'topkd train' trains the model alone, but method 'kd' distils"),
+    (["method.name=kd", "method.temprature=3"],
+     "unknown key method.temprature (did you mean 'temperature'?)"),
+    (["method.temperature=3"], "method.temperature is not a parameter of method 'ce' (it is one "
+                               "of dkd, kd)"),
+    (["method.name=topkd", "method.ls=true"], "method.ls is not accepted here"),
 ])
 def test_config_errors_are_one_clean_line(capsys, cfg_file, args, match):
     assert cli.main(["train", str(cfg_file), *args]) == 2

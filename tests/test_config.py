@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from topkd.config import Config, ConfigError, load_config
-from topkd.losses import LossSpec
+from topkd.methods import MethodParams, method_name
 
 
 def _write(p: Path, data) -> Path:
@@ -23,7 +23,8 @@ def tree(tmp_path):
         "sched": {"milestones": [150, 180, 210]}})
     _write(tmp_path / "pairs/p.yaml", {"model": {"name": "resnet8x4"},
                                        "teacher": {"name": "resnet32x4", "checkpoint": "t.pt"}})
-    _write(tmp_path / "methods/kd.yaml", {"loss": {"ce": 0.1, "base": "kd", "base_weight": 0.9}})
+    _write(tmp_path / "methods/kd.yaml", {"method": {"name": "kd", "ce": 0.1,
+                                                           "kd_weight": 0.9}})
     return _write(tmp_path / "exp/run.yaml", {
         "defaults": ["../base/cifar.yaml", "../pairs/p.yaml", "../methods/kd.yaml"],
         "name": "exp", "data": {"kwargs": {"b": 2}}, "train": {"epochs": 5}})
@@ -35,13 +36,14 @@ def test_defaults_composition_deep_merge(tree):
     assert cfg.train.epochs == 5 and cfg.train.log_every == 10  # file beats its defaults
     assert cfg.data.kwargs == {"a": 1, "b": 2}  # mappings merge recursively
     assert cfg.teacher.checkpoint == "t.pt" and cfg.model.name == "resnet8x4"
-    assert isinstance(cfg.loss, LossSpec) and cfg.loss.base == "kd" and cfg.loss.ce == 0.1
+    assert isinstance(cfg.method, MethodParams) and method_name(cfg.method) == "kd"
+    assert cfg.method.ce == 0.1
     assert cfg.sched.milestones == [150, 180, 210] and cfg.optim.betas == (0.9, 0.999)
 
 
 def test_overrides_are_typed(tree):
     cfg = load_config(tree, ["optim.lr=0.1", "train.amp=bf16", "sched.milestones=[30,60]",
-                             "loss.temperature=2", "data.kwargs.resize=32", "teacher.checkpoint=",
+                             "method.temperature=2", "data.kwargs.resize=32", "teacher.checkpoint=",
                              "optim.weight_decay=5e-4", "train.grad_clip=null", "seed=3",
                              "optim.betas=[0.8,0.9]", "name=123"])
     assert cfg.optim.lr == 0.1 and isinstance(cfg.optim.lr, float)
@@ -49,13 +51,25 @@ def test_overrides_are_typed(tree):
     assert cfg.data.kwargs["resize"] == 32 and cfg.teacher.checkpoint is None
     assert cfg.optim.weight_decay == 5e-4  # YAML 1.1 reads "5e-4" as a string: coerced
     assert cfg.seed == 3 and cfg.optim.betas == (0.8, 0.9) and cfg.name == "123"
-    assert cfg.loss.base == "kd" and cfg.loss.temperature == 2.0
+    assert method_name(cfg.method) == "kd" and cfg.method.temperature == 2.0
 
 
-def test_loss_preset_override(tmp_path):
-    p = _write(tmp_path / "c.yaml", {"name": "x"})
-    cfg = load_config(p, ["loss.preset=dkd", "loss.temperature=2"])
-    assert cfg.loss.base == "dkd" and cfg.loss.dkd_beta == 8.0 and cfg.loss.temperature == 2.0
+def test_method_name_override_starts_from_that_methods_defaults(tree):
+    # The file's kd parameters (kd_weight...) do not belong to dkd: switching the method on the
+    # command line starts afresh from dkd's reference defaults, whatever the override order.
+    for ovs in (["method.name=dkd", "method.temperature=2"],
+                ["method.temperature=2", "method.name=dkd"]):
+        cfg = load_config(tree, ovs)
+        assert method_name(cfg.method) == "dkd"
+        assert (cfg.method.beta, cfg.method.ce, cfg.method.warmup) == (8.0, 1.0, 20.0)
+        assert cfg.method.temperature == 2.0
+    # the same name keeps the file's parameters
+    cfg = load_config(tree, ["method.name=kd"])
+    assert cfg.method.ce == 0.1 and cfg.method.kd_weight == 0.9
+    # a config without a method section (plain CE) switched to a distillation method
+    p = _write(tree.parent / "c.yaml", {"name": "x"})
+    assert method_name(load_config(p, ["method.name=kd"]).method) == "kd"
+    assert method_name(load_config(p).method) == "ce"
 
 
 @pytest.mark.parametrize("override, match", [
@@ -74,8 +88,14 @@ def test_loss_preset_override(tmp_path):
     ("train.grad_clip=x", r"'train.grad_clip': 'x'; expected float or null"),
     ("train.epochs.x=1", r"'train.epochs' is a value, not a section"),
     ("train.epochs", r"must look like key.sub=value"),
-    ("loss.kk=3", r"unknown config key 'loss.kk'; allowed keys under 'loss': ce, base"),
-    ("loss.base=foo", r"invalid loss spec \(loss\): .*base.*one of none, kd, dkd, topkd"),
+    ("method.xyz=3", r"unknown key method.xyz; allowed keys: ce, warmup, ignore_index, kd_weight"),
+    ("method.temprature=3", r"unknown key method.temprature \(did you mean 'temperature'\?\)"),
+    ("method.gamma=3", r"method.gamma.*section method.tsm: set method.tsm.gamma"),
+    ("method.name=foo", r"method.name: unknown method 'foo'"),
+    ("method.temperature=0", r"'method.temperature': 0.0; expected a number > 0"),
+    ("method.k=3", r"method.k=3 has no effect here: it applies only when tsm or tdl is set"),
+    ("method.tsm.gama=1", r"unknown key method.tsm.gama \(did you mean 'gamma'\?\)"),
+    ("loss.ce=1", r"unknown config key 'loss'; allowed keys: name, .*method"),
     ("data.val_fraction=1.5", r"'data.val_fraction': 1.5; expected a float in \[0, 1\)"),
     ("train.device=gpu", r"'train.device': 'gpu'; expected auto, cpu, cuda, cuda:N or mps"),
     ("train.epochs=0", r"'train.epochs': 0; expected an integer >= 1"),
@@ -104,7 +124,7 @@ def test_roundtrip_and_save(tree, tmp_path):
     cfg = load_config(tree, ["train.amp=fp16"])
     d = cfg.to_dict()
     assert set(d) == {"name", "output_dir", "seed", "deterministic", "data", "model", "teacher",
-                      "loss", "optim", "sched", "train"}
+                      "method", "optim", "sched", "train"}
     assert Config.from_dict(d) == cfg
     out = tmp_path / "resolved.yaml"
     cfg.save(out)

@@ -26,7 +26,7 @@ from topkd.config import ConfigError, apply_override
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMANDS = ("train", "distill", "eval", "transfer", "report", "demo")
+COMMANDS = ("train", "distill", "eval", "transfer", "report", "demo", "methods")
 CMD = re.compile(r"(?<![\w./-])(python -m topkd\.cache|(?:python -m )?topkd) +([a-z][\w-]*)?")
 PATH = re.compile(r"(?<![\w./-])((?:configs|scripts|benchmarks|docs|src|tests)/[\w./-]*[\w/])")
 PLACEHOLDER = re.compile(r"[<>A-Z]|\.\.\.|\*")
@@ -113,9 +113,10 @@ def test_paths_named_in_the_docs_exist():
     for doc in DOCS:
         for m in PATH.finditer(doc.read_text()):
             path = m.group(1)
-            before = doc.read_text()[max(0, m.start() - 20): m.start()]
-            if PLACEHOLDER.search(path) or FOREIGN.search(before):
-                continue
+            text = doc.read_text()
+            before, after = text[max(0, m.start() - 20): m.start()], text[m.end(): m.end() + 1]
+            if PLACEHOLDER.search(path + after) or FOREIGN.search(before):
+                continue  # a pattern such as configs/methods/<m>.yaml, or another project's file
             if not (ROOT / path).exists():
                 problems.append(f"{doc.name}: {path}")
     assert not problems, "missing:\n" + "\n".join(problems)
@@ -191,4 +192,4 @@ def test_recipes_state_the_fashion_mnist_k_of_the_configs():
     (k,) = re.findall(r"\*\*Fashion-MNIST\*\* \(10 classes\): k (\d+)", text)
     for m in ("topkd", "kd_tsm_tdl", "dkd_tsm_tdl"):
         cfg = load_config(ROOT / f"configs/fashion_mnist/teacher_student/{m}.yaml")
-        assert cfg.to_dict()["loss"]["k"] == int(k), m
+        assert cfg.to_dict()["method"]["k"] == int(k), m

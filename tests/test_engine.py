@@ -16,13 +16,13 @@ from topkd.engine import CKPT_FORMAT, LRSchedule, NonFiniteLossError, Trainer
 from topkd.engine.summary import aggregate_runs, format_markdown
 from topkd.models import create_model
 
-FAMILIES = {  # preset -> loss terms that must appear in metrics.csv
-    "kd": ["kd"],
-    "dkd": ["dkd"],
-    "kd+ls": ["kd"],
-    "topkd": ["topkd", "topkd_con", "topkd_tdl"],
-    "kd+tsm+tdl": ["kd", "tdl", "tsm_corrected"],
-    "dkd+tsm+tdl": ["dkd", "tdl", "tsm_corrected"],
+FAMILIES = {  # method section -> loss terms that must appear in metrics.csv
+    "kd": ({"name": "kd"}, ["kd"]),
+    "dkd": ({"name": "dkd"}, ["dkd"]),
+    "kd+ls": ({"name": "kd", "ls": True, "temperature": 2.0, "kd_weight": 9.0}, ["kd"]),
+    "topkd": ({"name": "topkd"}, ["topkd", "topkd_con", "topkd_tdl"]),
+    "kd+tsm+tdl": ({"name": "kd", "tsm": {}, "tdl": {}}, ["kd", "tdl", "tsm_corrected"]),
+    "dkd+tsm+tdl": ({"name": "dkd", "tsm": {}, "tdl": {}}, ["dkd", "tdl", "tsm_corrected"]),
 }
 
 
@@ -84,7 +84,7 @@ def test_summary_aggregation(teacher_run):
 @pytest.mark.parametrize("preset", list(FAMILIES))
 def test_distill_each_family(teacher_run, tmp_path, preset):
     tmp, tcfg, _ = teacher_run
-    cfg = tiny_config(tmp_path, name=f"d_{preset}", loss={"preset": preset},
+    cfg = tiny_config(tmp_path, name=f"d_{preset}", method=FAMILIES[preset][0],
                       teacher={"name": "test_tinynet", "kwargs": {"width": 16},
                                "checkpoint": str(tcfg.run_dir / "checkpoints/best.pt")},
                       train={"epochs": 1, "log_every": 1})
@@ -98,10 +98,10 @@ def test_distill_each_family(teacher_run, tmp_path, preset):
     assert all(torch.equal(before[k], v) for k, v in tr.teacher.state_dict().items())
     assert not torch.equal(w0, tr.model.fc.weight)
     (row,) = read_metrics(cfg.run_dir)
-    for term in ["ce", *FAMILIES[preset]]:
+    for term in ["ce", *FAMILIES[preset][1]]:
         v = float(row[f"train_{term}"])
         assert math.isfinite(v), term
-    for term in FAMILIES[preset]:
+    for term in FAMILIES[preset][1]:
         if term != "tsm_corrected":
             assert float(row[f"train_{term}"]) > 0, term
     assert 0 <= float(row["test_acc1"]) <= 100 and float(row["images_per_s"]) > 0
@@ -111,15 +111,15 @@ def test_distill_from_last_pt_and_errors(teacher_run, tmp_path):
     tmp, tcfg, _ = teacher_run
     teacher = {"name": "test_tinynet", "kwargs": {"width": 16},
                "checkpoint": str(tcfg.run_dir / "checkpoints/last.pt")}
-    cfg = tiny_config(tmp_path, loss={"preset": "kd"}, teacher=teacher,
+    cfg = tiny_config(tmp_path, method={"name": "kd"}, teacher=teacher,
                       train={"epochs": 1, "max_steps_per_epoch": 1})
     assert Trainer(cfg, "distill").fit()["epochs"] == 1  # full training state file works too
     with pytest.raises(ConfigError, match="'topkd train' trains the model alone"):
         Trainer(cfg, "train")
-    bad = tiny_config(tmp_path, loss={"preset": "kd"}, teacher={"name": "test_tinynet"})
+    bad = tiny_config(tmp_path, method={"name": "kd"}, teacher={"name": "test_tinynet"})
     with pytest.raises(ConfigError, match="needs teacher.name and teacher.checkpoint"):
         Trainer(bad, "distill")
-    bad = tiny_config(tmp_path, loss={"preset": "kd"},
+    bad = tiny_config(tmp_path, method={"name": "kd"},
                       teacher={"name": "test_tinynet", "checkpoint": str(tmp_path / "x.pt")})
     with pytest.raises(ConfigError, match=r"teacher.checkpoint not found: .*x\.pt \(train the "
                                           r"teacher first, or .* teacher\.checkpoint=PATH\)"):
@@ -131,17 +131,17 @@ def test_distill_from_last_pt_and_errors(teacher_run, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_pt(tmp_path):
     cfg = tiny_config(tmp_path, train={"epochs": 3, "log_every": 50})
     tr = Trainer(cfg, "train")
-    real = tr.criterion.forward
+    real = tr.method.forward
     calls = {"n": 0}
 
-    def poisoned(s, t, y, epoch=None):
+    def poisoned(batch):
         calls["n"] += 1
-        total, terms = real(s, t, y, epoch=epoch)
+        out = real(batch)
         if calls["n"] == 3:  # global step 3 = epoch 2, first step
-            total = total * float("nan")
-        return total, terms
+            out.total = out.total * float("nan")
+        return out
 
-    tr.criterion.forward = poisoned
+    tr.method.forward = poisoned
     with pytest.raises(NonFiniteLossError,
                        match=r"global step 3 \(epoch 2\): total=nan, ce=[0-9.]+.*last.pt"):
         tr.fit()
@@ -153,10 +153,10 @@ def test_non_finite_loss_stops_and_keeps_last_pt(tmp_path):
 
 def test_diverged_logits_are_caught_on_device_without_per_step_sync(tmp_path):
     """NaN *logits* (diverged weights) are caught by the engine's on-device tracking, which is
-    why the engine builds its criterion with validate=False (no host sync per step)."""
+    why the engine builds its method with validate=False (no host sync per step)."""
     cfg = tiny_config(tmp_path, train={"epochs": 3, "log_every": 50})
     tr = Trainer(cfg, "train")
-    assert tr.criterion.validate is False
+    assert tr.method.validate is False
     calls = {"n": 0}
 
     def poison_logits(module, inputs, out):
@@ -191,7 +191,7 @@ def test_teacher_cache_matches_online_distillation(teacher_run, tmp_path):
     tmp, tcfg, _ = teacher_run
     ckpt = str(tcfg.run_dir / "checkpoints/best.pt")
     teacher_sec = {"name": "test_tinynet", "kwargs": {"width": 16}, "checkpoint": ckpt}
-    online = tiny_config(tmp_path, name="online", loss={"preset": "kd"}, teacher=teacher_sec)
+    online = tiny_config(tmp_path, name="online", method={"name": "kd"}, teacher=teacher_sec)
     Trainer(online, "distill").fit()
 
     teacher = load_teacher("test_tinynet", 100, ckpt, verbose=False, width=16)
@@ -199,7 +199,7 @@ def test_teacher_cache_matches_online_distillation(teacher_run, tmp_path):
     cache = build_cache(teacher, train, tmp_path / "cache", views=1, augment=None,
                         dtype="float32", progress=False, teacher_name="test_tinynet",
                         checkpoint=ckpt, dataset_name="cifar100")
-    cached = tiny_config(tmp_path, name="cached", loss={"preset": "kd"}, teacher=teacher_sec,
+    cached = tiny_config(tmp_path, name="cached", method={"name": "kd"}, teacher=teacher_sec,
                          train={"teacher_cache": str(cache)})
     tr = Trainer(cached, "distill")
     assert tr.teacher is None  # the teacher is never built
@@ -239,7 +239,7 @@ def test_bench_step_throughput():
 
 def test_teacher_checkpoint_of_another_architecture_is_a_config_error(teacher_run, tmp_path):
     _, tcfg, _ = teacher_run
-    cfg = tiny_config(tmp_path, loss={"preset": "kd"},
+    cfg = tiny_config(tmp_path, method={"name": "kd"},
                       teacher={"name": "test_tinynet",  # width 8: the file has width 16
                                "checkpoint": str(tcfg.run_dir / "checkpoints/best.pt")})
     with pytest.raises(ConfigError, match="teacher: checkpoint .* does not match"):
@@ -320,7 +320,7 @@ def test_teacher_cache_refuses_data_options_it_would_ignore(teacher_run, tmp_pat
               for aug in (True, False)}
 
     def trainer(aug_cache: bool, **data):
-        cfg = tiny_config(tmp_path, loss={"preset": "kd"}, teacher=teacher_sec, data=data,
+        cfg = tiny_config(tmp_path, method={"name": "kd"}, teacher=teacher_sec, data=data,
                           train={"teacher_cache": str(caches[aug_cache]), "epochs": 1})
         return Trainer(cfg, "distill")
 

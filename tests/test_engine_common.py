@@ -87,7 +87,7 @@ def config_dict(tmp: Path, **sections: Any) -> dict[str, Any]:
         "data": {"name": "cifar100", "root": str(tmp / "data"), "batch_size": 16,
                  "eval_batch_size": 16, "num_workers": 0, "augment": False},
         "model": {"name": "test_tinynet"},
-        "loss": {},  # LossSpec defaults: plain CE
+        "method": {"name": "ce"},  # plain CE
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
         "sched": {"name": "multistep", "milestones": [2], "gamma": 0.1},
         "train": {"epochs": 2, "device": "cpu", "log_every": 1},

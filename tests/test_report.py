@@ -50,7 +50,7 @@ def make_run(
         "data": {"name": "cifar100", "val_fraction": 0.1 if best_val is not None else 0.0},
         "model": {"name": "resnet8x4", "kwargs": {}},
         "teacher": {"name": "resnet32x4", "checkpoint": "t.pth", "kwargs": {}},
-        "loss": loss or {"ce": 0.1, "base": "kd", "base_weight": 0.9, "temperature": 4.0},
+        "method": loss or {"name": "kd", "ce": 0.1, "kd_weight": 0.9, "temperature": 4.0},
     }
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     cols = [
@@ -98,7 +98,8 @@ def runs(tmp_path: Path) -> dict[str, Path]:
     ):
         make_run(kd / f"seed_{seed}", kd.name, seed, v, bv, last, bt)
     (kd / "summary.md").write_text("written by the engine; ignored\n")
-    topkd_loss = {"ce": 1.0, "base": "topkd", "tsm": True, "k": 5, "warmup": 20}
+    topkd_loss = {"name": "topkd", "ce": 1.0, "k": 5, "warmup": 20,
+                  "tsm": {"gamma": 1.0, "lam": 0.5}}
     single = make_run(
         tmp_path / "runs" / "cifar100_res32x4_res8x4_topkd",
         "cifar100_res32x4_res8x4_topkd",
@@ -190,11 +191,12 @@ def test_missing_run_is_a_clean_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("loss", "label"),
     [
-        ({"base": "none", "ce": 1.0}, "ce"),
-        ({"base": "kd", "ls": True}, "kd+ls"),
-        ({"base": "dkd", "tsm": True, "tdl_weight": 1.0}, "dkd+tsm+tdl"),
-        ({"base": "topkd", "tsm": True}, "topkd"),
-        ({"base": "topkd", "tsm": False, "ls": True}, "topkd+ls+no-tsm"),
+        ({"name": "ce", "ce": 1.0}, "ce"),
+        ({"name": "kd", "ls": True, "tsm": None, "tdl": None}, "kd+ls"),
+        ({"name": "dkd", "tsm": {"gamma": 1.0}, "tdl": {"weight": 1.0}}, "dkd+tsm+tdl"),
+        ({"name": "topkd", "tsm": {"gamma": 1.0}}, "topkd"),
+        ({"name": "topkd", "tsm": None}, "topkd+no-tsm"),
+        ({"name": "fitnet"}, "fitnet"),
         (None, "?"),
     ],
 )
@@ -210,8 +212,8 @@ def test_topkd_cli_dispatches_to_report(runs, capsys):
 
 def test_pivot_table_rows_methods_columns_pairs(tmp_path, capsys):
     root = tmp_path / "runs"
-    kd = {"ce": 0.1, "base": "kd", "base_weight": 0.9}
-    top = {"ce": 1.0, "base": "topkd", "tsm": True}
+    kd = {"name": "kd", "ce": 0.1, "kd_weight": 0.9}
+    top = {"name": "topkd", "ce": 1.0, "tsm": {}}
     for pair, base in (("a", 70.0), ("b", 60.0)):
         for method, loss, bonus in (("kd", kd, 0.0), ("topkd", top, 2.0)):
             for seed in (0, 1):

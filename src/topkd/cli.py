@@ -24,6 +24,7 @@ topkd: knowledge distillation (TopKD, KD, DKD, LS, ...) from YAML configs.
     topkd train   CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
     topkd distill CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
     topkd eval    CHECKPOINT [--config CFG | --model NAME --dataset NAME] [--json]
+    topkd methods [NAME]                     # distillation methods and their parameters
     torchrun --nproc_per_node=N -m topkd distill CONFIG ...        # DDP
 
 Configuration and validation errors print one line and exit with status 2
@@ -42,6 +43,7 @@ LAZY = {
 def _knobs() -> str:
     """Every config key with its type and default, for the --help epilog."""
     from topkd.config import Config, _type_name
+    from topkd.methods import MethodParams
 
     lines = ["config keys (override with key.sub=value; values use YAML syntax):"]
 
@@ -50,14 +52,16 @@ def _knobs() -> str:
         inst = cls()
         for f in dataclasses.fields(cls):
             tp, val = hints[f.name], getattr(inst, f.name)
-            if dataclasses.is_dataclass(tp):
+            if tp is MethodParams:
+                lines.append(f"  {'method.name':<26} the distillation method (default 'ce'); its "
+                             "parameters are method.<param>: see 'topkd methods NAME'")
+            elif dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.")
             else:
                 key = prefix + f.name
                 lines.append(f"  {key:<26} {_type_name(tp)}  (default {val!r})")
 
     walk(Config, "")
-    lines.append(f"  {'loss.preset':<26} named method: kd, dkd, kd+ls, topkd, kd+tsm+tdl, ...")
     return "\n".join(lines)
 
 
@@ -117,6 +121,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                        formatter_class=fmt)
     _add_eval_args(p)
     p.set_defaults(func=_run_eval)
+    p = sub.add_parser("methods", help="list the distillation methods and their parameters",
+                       description="List the registered distillation methods (topkd.methods); "
+                                   "with NAME, that method's parameters, defaults and needs.",
+                       formatter_class=fmt)
+    p.add_argument("name", nargs="?", help="a method name, e.g. dkd")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=_run_methods)
     chosen = _command_of(argv)
     for name, (module, what) in LAZY.items():
         p = sub.add_parser(name, help=what, description=what, formatter_class=fmt)
@@ -290,6 +301,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{model_name} on {dataset}/{args.split} (n={res['n']}): top-1 {res['acc1']:.2f}  "
               f"top-5 {res['acc5']:.2f}  loss {res['loss']:.4f}")
+    return 0
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    from topkd.config import ConfigError
+    from topkd.methods.table import describe, methods_table
+
+    try:
+        print(describe(args.name) if args.name else methods_table(markdown=args.markdown))
+    except ValueError as e:  # unknown method name
+        raise ConfigError(str(e)) from None
     return 0
 
 

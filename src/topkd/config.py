@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from topkd.losses import LossSpec
+from topkd.methods import MethodParams, ParamError, params_from_dict, params_to_dict
 
 
 class ConfigError(ValueError):
@@ -103,7 +103,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    loss: LossSpec = field(default_factory=LossSpec)
+    # The distillation method and its parameters (topkd.methods): {name: dkd, beta: 8.0, ...}.
+    method: MethodParams = field(default_factory=lambda: params_from_dict({"name": "ce"}))
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -143,11 +144,30 @@ _Dumper.add_representer(
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load ``path`` (resolving ``defaults:`` recursively), apply ``key.sub=value`` overrides."""
+    """Load ``path`` (resolving ``defaults:`` recursively), apply ``key.sub=value`` overrides.
+
+    An override ``method.name=X`` that changes the method starts ``method`` afresh from X's
+    reference defaults (the file's parameters belong to the other method); it is applied before
+    the other overrides, so ``method.name=kd method.temperature=2`` works in any order.
+    """
     raw = load_raw(path)
+    names = [ov for ov in overrides if ov.partition("=")[0].strip() == "method.name"]
+    for ov in names:
+        value = _parse_value(ov.partition("=")[2])
+        section = raw.get("method")
+        if not isinstance(section, dict) or section.get("name") != value:
+            raw["method"] = {"name": value}
     for ov in overrides:
-        apply_override(raw, ov)
+        if ov not in names:
+            apply_override(raw, ov)
     return Config.from_dict(raw)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text  # e.g. an unquoted string with a colon: keep it verbatim
 
 
 def load_raw(path: str | Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -206,10 +226,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if tp is Any:
             continue  # free-form mapping (e.g. model.kwargs.drop_rate)
         tp = _strip_optional(tp)
+        if tp is MethodParams:
+            tp = Any  # keys depend on method.name: checked (with did-you-mean) by from_dict
+            continue
         if dataclasses.is_dataclass(tp):
             allowed = [f.name for f in dataclasses.fields(tp)]
-            if tp is LossSpec and part == "preset" and i == len(parts) - 1:
-                continue  # LossSpec.from_dict starts from a named method
             if part not in allowed:
                 raise ConfigError(
                     f"unknown config key {here!r}; allowed keys"
@@ -222,10 +243,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             parent = ".".join(parts[:i])
             raise ConfigError(
                 f"config key {parent!r} is a value, not a section: cannot set {here!r}")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text  # e.g. an unquoted string with a colon: keep it verbatim
+    value = _parse_value(text)
     node = raw
     for part in parts[:-1]:
         nxt = node.get(part)
@@ -269,15 +287,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
-    if tp is LossSpec:
-        if isinstance(value, LossSpec):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key!r} must be a mapping of LossSpec fields, got {value!r}")
+    if tp is MethodParams:
         try:
-            return LossSpec.from_dict(value)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"invalid loss spec ({key}): {e}") from None
+            return params_from_dict(value)
+        except ParamError as e:
+            raise ConfigError(str(e)) from None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if origin in (Union, types.UnionType):
@@ -390,8 +404,8 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, LossSpec) and hasattr(obj, "to_dict"):
-        return _to_plain(obj.to_dict())
+    if isinstance(obj, MethodParams):
+        return _to_plain(params_to_dict(obj))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):

@@ -479,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
         for seed in args.seeds:
             cfg = method_config(args, m, seed, str(ckpt), None if cache is None else str(cache))
             specs[m] = {"config": str(Path(args.configs_dir) / METHOD_CONFIGS[m]),
-                        "loss": cfg.to_dict()["loss"]}
+                        "method": cfg.to_dict()["method"]}
             run_dir = out / "runs" / m / f"seed_{seed}"
             prog.stage(f"{LABELS[m]} seed {seed}")
             if _finished(run_dir, cfg):
@@ -507,12 +507,12 @@ def run(args: argparse.Namespace) -> int:
         from topkd import plots as P
 
         t_logits, t_y = teacher_test_logits(t_cfg, ckpt)
-        loss = method_config(args, "topkd", 0).loss  # TSM's settings: the TopKD config's
+        tk = method_config(args, "topkd", 0).method  # TSM's settings: the TopKD config's
         plots = [
             P.accuracy_bars(rows, out / "accuracy.png", teacher_acc=teacher_acc),
             P.training_curves(results, out / "curves.png", labels=LABELS),
-            P.tsm_effect(t_logits, t_y, out / "tsm.png", k=int(loss.k), gamma=float(loss.gamma),
-                         lam=float(loss.lam), class_names=FMNIST_CLASSES),
+            P.tsm_effect(t_logits, t_y, out / "tsm.png", k=int(tk.k), gamma=float(tk.tsm.gamma),
+                         lam=float(tk.tsm.lam), class_names=FMNIST_CLASSES),
         ]
     timings["total_s"] = time.perf_counter() - t_start
     payload = {"teacher": {"name": TEACHER, "checkpoint": str(ckpt), "test_acc1": teacher_acc,

@@ -121,24 +121,24 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(d, read_summary(d), config, read_metrics(d / "metrics.csv"))
 
 
-def method_label(loss: dict[str, Any] | None) -> str:
-    """A short method name from a resolved ``loss`` section, e.g. ``dkd+ls``, ``kd+tsm+tdl``."""
-    if not loss:
+def method_label(method: dict[str, Any] | None) -> str:
+    """A short method name from a resolved ``method`` section, e.g. ``dkd+ls``, ``kd+tsm+tdl``."""
+    if not method:
         return "?"
-    base = str(loss.get("base", "none"))
-    parts = ["ce" if base == "none" else base]
-    if loss.get("ls"):
+    name = str(method.get("name", "?"))
+    parts = [name]
+
+    def on(key: str) -> bool:  # a section is on unless absent, null or false
+        return method.get(key) not in (None, False)
+
+    if method.get("ls"):
         parts.append("ls")
-    if base == "topkd" and not loss.get("tsm", True):
+    if name == "topkd" and "tsm" in method and not on("tsm"):
         parts.append("no-tsm")
-    elif base != "topkd" and loss.get("tsm"):
+    elif name != "topkd" and on("tsm"):
         parts.append("tsm")
-    if (loss.get("tdl_weight") or 0) > 0:
+    if on("tdl"):
         parts.append("tdl")
-    if (loss.get("con_weight") or 0) > 0:
-        parts.append("con")
-    if base == "none" and len(parts) > 1:
-        parts[0] = "ce"
     return "+".join(parts)
 
 
@@ -173,7 +173,7 @@ def build_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         row.update(
             dataset=_distinct((r.config.get("data") or {}).get("name") for r in group),
             pair=_distinct(_pair_label(r.config) for r in group),
-            method=_distinct(method_label(r.config.get("loss")) for r in group),
+            method=_distinct(method_label(r.config.get("method")) for r in group),
             epochs="?" if not epochs else (
                 str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"),
             run_dirs=[str(r.path) for r in group],

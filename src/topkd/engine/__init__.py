@@ -4,7 +4,7 @@ from topkd.engine.evaluate import evaluate
 from topkd.engine.optim import LRSchedule, build_optimizer
 from topkd.engine.run import run_training
 from topkd.engine.summary import aggregate_runs, format_markdown, write_seed_summary
-from topkd.engine.trainer import CKPT_FORMAT, NonFiniteLossError, Trainer, loss_needs_teacher
+from topkd.engine.trainer import CKPT_FORMAT, NonFiniteLossError, Trainer
 
 __all__ = [
     "CKPT_FORMAT",
@@ -15,7 +15,6 @@ __all__ = [
     "build_optimizer",
     "evaluate",
     "format_markdown",
-    "loss_needs_teacher",
     "run_training",
     "write_seed_summary",
 ]

@@ -3,9 +3,10 @@
     python -m topkd.engine.bench --teacher resnet32x4 --student resnet8x4 --batch 64 --steps 5
     python -m topkd.engine.bench --device cuda --amp bf16 --channels-last --compile
 
-Runs :meth:`Trainer._step` itself (teacher forward under inference_mode, student
-forward/backward, criterion, SGD step) with random-weight models on random 32x32 images, so
-it measures compute only (no data loading, no evaluation). Reports images/s after warm-up.
+Runs the engine's own :class:`~topkd.engine.step.TrainStep` (teacher forward under
+inference_mode, student forward/backward, the method's loss, SGD step) with random-weight models
+on random 32x32 images, so it measures compute only (no data loading, no evaluation). Reports
+images/s after warm-up.
 """
 
 from __future__ import annotations
@@ -14,48 +15,41 @@ import argparse
 import contextlib
 import json
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from topkd.config import Config
-from topkd.engine.optim import build_optimizer
-from topkd.engine.trainer import Trainer
-from topkd.losses import DistillationLoss
+from topkd.engine.step import TrainStep, build_train_step
+from topkd.methods import create_method
 from topkd.models import create_model
 from topkd.utils.dist import resolve_device
 
 
-def build_step_trainer(teacher: str, student: str, loss: str = "kd", num_classes: int = 100,
-                       device: str = "auto", amp: str = "none", channels_last: bool = False,
-                       compile: bool = False) -> Trainer:
-    """A :class:`Trainer` holding only what :meth:`Trainer._step` needs (no data, no run dir).
+def build_step(teacher: str, student: str, method: str = "kd", num_classes: int = 100,
+               device: str = "auto", amp: str = "none", channels_last: bool = False,
+               compile: bool = False, teacher_model: torch.nn.Module | None = None
+               ) -> TrainStep:
+    """The engine's :class:`~topkd.engine.step.TrainStep` for a teacher/student pair.
 
-    Built from a real :class:`Config` (``loss.preset=loss``, default optimiser); the teacher
-    has random weights (they do not change the cost) and is dropped for losses without a
-    distillation term (e.g. ``"ce"``: the student alone, as ``topkd train``).
+    Built as the trainer builds it (:func:`~topkd.engine.step.build_train_step`) from a real
+    :class:`Config` (``method.name=method`` with its reference defaults, default optimiser); the
+    teacher has random weights (they do not change the cost) and is dropped for methods without
+    a teacher (e.g. ``"ce"``: the student alone, as ``topkd train``). ``teacher_model`` reuses
+    an existing teacher instead of creating one.
     """
     dev = resolve_device(device)
     cfg = Config.from_dict({"train": {"amp": amp, "channels_last": channels_last,
-                                      "compile": compile}, "loss": {"preset": loss}})
+                                      "compile": compile}, "method": {"name": method}})
     mf = torch.channels_last if channels_last else torch.preserve_format
     s = create_model(student, num_classes).to(dev, memory_format=mf)
-    t: torch.nn.Module | None = create_model(teacher, num_classes).to(dev, memory_format=mf)
-    t.eval().requires_grad_(False)
-    if not cfg.loss.has_distillation:
-        t = None
-    tr = Trainer.__new__(Trainer)
-    cuda = dev.type == "cuda"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if cuda else None
-    tr.__dict__.update(
-        cfg=cfg, device=dev, model=s, teacher=torch.compile(t) if compile and t else t,
-        train_model=torch.compile(s) if compile else s,
-        criterion=DistillationLoss(cfg.loss, validate=False).to(dev),  # as Trainer
-        optimizer=build_optimizer(cfg.optim, s.parameters()), amp_dtype=amp_dtype,
-        scaler=torch.amp.GradScaler(dev.type, enabled=amp_dtype is torch.float16),
-        dist=SimpleNamespace(rank=0, world_size=1, distributed=False, is_main=True))
-    return tr
+    m = create_method(cfg.method, num_classes=num_classes).to(dev)
+    m.validate = False  # as the trainer
+    t: torch.nn.Module | None = None
+    if m.needs_teacher:
+        t = teacher_model or create_model(teacher, num_classes).to(dev, memory_format=mf).eval()
+        t.requires_grad_(False)
+    return build_train_step(cfg, s, t, m, dev)
 
 
 def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 64,
@@ -63,25 +57,24 @@ def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 6
                     device: str = "auto", amp: str = "none", channels_last: bool = False,
                     compile: bool = False, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
-    tr = build_step_trainer(teacher, student, loss, num_classes, device, amp, channels_last,
-                            compile)
-    dev, cuda = tr.device, tr.device.type == "cuda"
+    step = build_step(teacher, student, loss, num_classes, device, amp, channels_last, compile)
+    dev, cuda = step.device, step.device.type == "cuda"
     x = torch.randn(batch, 3, size, size, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
-        tr._step(x, y, None, epoch=1)
+        step(x, y, epoch=1)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        total, _, _ = tr._step(x, y, None, epoch=1)
+        out, _ = step(x, y, epoch=1)
     sync()
     dt = time.perf_counter() - t0
     return {"teacher": teacher, "student": student, "loss": loss, "batch": batch,
             "steps": steps, "device": str(dev), "amp": amp, "channels_last": channels_last,
             "compile": compile, "threads": torch.get_num_threads(),
             "s_per_step": dt / steps, "images_per_s": batch * steps / dt,
-            "loss_value": float(total.detach())}
+            "loss_value": float(out.total.detach())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="resnet32x4")
     p.add_argument("--student", default="resnet8x4")
-    p.add_argument("--loss", default="kd", help="LossSpec preset (kd, dkd, topkd, ...)")
+    p.add_argument("--loss", default="kd", help="method name with its reference defaults (kd, "
+                   "dkd, topkd, ...; 'topkd methods')")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

@@ -20,6 +20,28 @@ class Datasets:
     val: Dataset | None
     test: Dataset
     num_classes: int
+    input_size: tuple[int, int, int] | None = None  # (C, H, W) of the training images
+
+
+class WithIndex(Dataset):
+    """Appends each sample's index in ``ds`` to its item (for methods with ``needs_index``)."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        return (*self.ds[i], i)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, ...]]:
+        get = getattr(self.ds, "__getitems__", None)
+        items = get(indices) if get is not None else [self.ds[i] for i in indices]
+        return [(*item, i) for item, i in zip(items, indices)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ds.set_epoch(epoch)  # type: ignore[attr-defined]
 
 
 def build_datasets(cfg: Config) -> Datasets:
@@ -38,7 +60,8 @@ def build_datasets(cfg: Config) -> Datasets:
         train, val = train_val_split(train, d.val_fraction, seed=d.val_seed)
     if d.train_subset is not None and d.train_subset < len(train):  # type: ignore[arg-type]
         train = train_subset(train, d.train_subset, seed=d.val_seed)
-    return Datasets(train, val, test, int(info.num_classes))
+    size = (int(info.in_channels), int(info.image_size), int(info.image_size))
+    return Datasets(train, val, test, int(info.num_classes), size)
 
 
 def train_subset(ds: Dataset, n: int, seed: int = 0) -> Subset:

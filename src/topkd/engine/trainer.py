@@ -29,7 +29,8 @@ from tqdm import tqdm
 from topkd.config import Config, ConfigError
 from topkd.engine.data import build_datasets, eval_loader, train_loader
 from topkd.engine.evaluate import evaluate
-from topkd.engine.optim import LRSchedule, build_optimizer, set_lr
+from topkd.engine.optim import LRSchedule, set_lr
+from topkd.engine.step import build_train_step
 from topkd.utils.dist import DistInfo, all_reduce_sum, init_distributed
 from topkd.utils.env import collect_env
 from topkd.utils.io import atomic_torch_save, atomic_write_text, writable_dir_problem
@@ -45,11 +46,6 @@ MODES = ("train", "distill")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; raised before anything of that epoch is saved."""
-
-
-def loss_needs_teacher(spec: Any) -> bool:
-    """Whether a LossSpec has any term that reads teacher logits."""
-    return bool(spec.has_distillation)
 
 
 class Trainer:
@@ -82,12 +78,27 @@ class Trainer:
             raise ConfigError(f"cannot write the run directory {self.run_dir}: {why} "
                               "(choose another output_dir= / --output-dir, or name=)")
         t = cfg.train
-        self.uses_teacher = loss_needs_teacher(cfg.loss)
+        from topkd.methods import method_class
+
+        self.method_cls = mcls = method_class(cfg.method)
+        self.uses_teacher = mcls.needs_teacher
         if mode == "train" and self.uses_teacher:
             raise ConfigError(
-                f"'topkd train' trains the model alone, but the loss (base={cfg.loss.base!r}) "
-                "needs teacher logits: use 'topkd distill' or set loss.base=none")
+                f"'topkd train' trains the model alone, but method {mcls.name!r} distils from a "
+                "teacher: use 'topkd distill', or method.name=ce to train without one")
+        if mode == "distill" and not self.uses_teacher:
+            raise ConfigError(
+                f"'topkd distill' distils from a teacher, but method {mcls.name!r} has no "
+                "distillation term: use 'topkd train' to train the model alone, or pick a "
+                "distillation method (method.name=kd, dkd, topkd, ...; 'topkd methods' lists "
+                "them)")
         self.uses_cache = self.uses_teacher and t.teacher_cache is not None
+        if self.uses_cache and (mcls.teacher_taps or mcls.extra_views):
+            what = "teacher features" if mcls.teacher_taps else "the teacher on extra views"
+            raise ConfigError(
+                f"train.teacher_cache: method {mcls.name!r} needs {what}, but the cache stores "
+                "the teacher's logits on its own views only; remove train.teacher_cache to run "
+                "the teacher online")
         seed_everything(cfg.seed, cfg.deterministic)
 
         # Data.
@@ -103,6 +114,10 @@ class Trainer:
                                         dataset_name=cfg.data.name, match_transform=True)
             except (ValueError, FileNotFoundError) as e:  # incl. CacheMismatchError
                 raise ConfigError(f"train.teacher_cache={t.teacher_cache}: {e}") from None
+        if mcls.needs_index:
+            from topkd.engine.data import WithIndex
+
+            train_ds = WithIndex(train_ds)
         self.train_ds = train_ds
         self.train_loader, self._loader_gen = train_loader(train_ds, cfg, self.dist)
         self.val_loader = eval_loader(self.data.val, cfg, self.dist) if self.data.val else None
@@ -110,24 +125,15 @@ class Trainer:
         n_batches = len(self.train_loader)
         self.steps_per_epoch = min(n_batches, t.max_steps_per_epoch or n_batches)
 
-        # Models, criterion, optimisation.
+        # Models, method, optimisation.
         self.model = self._build_model()
         self.teacher = self._build_teacher() if self.uses_teacher and not self.uses_cache else None
-        from topkd.losses import DistillationLoss
-
-        # No per-step validation sync: non-finite losses are tracked on the device below and
-        # checked at log points and before any checkpoint; labels are checked by the datasets.
-        self.criterion = DistillationLoss(cfg.loss, validate=False).to(self.device)
-        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.method = self._build_method()
+        self.step = build_train_step(cfg, self.model, self.teacher, self.method, self.device,
+                                     ddp=self.dist.distributed)
+        self.optimizer, self.scaler = self.step.optimizer, self.step.scaler
+        self.amp_dtype = self.step.amp_dtype
         self.schedule = LRSchedule(cfg.sched, cfg.optim.lr, t.epochs, self.steps_per_epoch)
-        cuda = self.device.type == "cuda"
-        if t.amp != "none" and not cuda:
-            warnings.warn(f"train.amp={t.amp} ignored on {self.device} (AMP is CUDA-only here)",
-                          stacklevel=2)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if cuda \
-            else None
-        fp16 = self.amp_dtype is torch.float16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
 
         # State (overwritten by resume).
         self.start_epoch, self.global_step = 1, 0
@@ -141,7 +147,6 @@ class Trainer:
         self.resumed_from = self._resume_path(resume if resume is not None else t.resume)
         if self.resumed_from is not None:
             self._load_checkpoint(self.resumed_from)
-        self.train_model = self._wrap(self.model)
         self._tb: Any = None
 
     # ------------------------------------------------------------------ building
@@ -189,19 +194,25 @@ class Trainer:
         except (ValueError, TypeError, UnsafeCheckpointError) as e:
             raise ConfigError(f"teacher: {e}") from None  # incl. CorruptCheckpointError
         mf = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
-        teacher = teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
-        return torch.compile(teacher) if self.cfg.train.compile else teacher
+        return teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(model) if self.cfg.train.compile else model
+    def _build_method(self) -> nn.Module:
+        from topkd.methods import MethodContext, ParamError, create_method
+
+        ctx = MethodContext(num_classes=self.data.num_classes, student=self.model,
+                            teacher=self.teacher, input_size=self.data.input_size,
+                            num_samples=len(self.train_ds))  # type: ignore[arg-type]
+        try:
+            method = create_method(self.cfg.method, ctx)
+        except (ValueError, ParamError) as e:
+            raise ConfigError(f"method: {e}") from None
+        # No per-step validation sync: non-finite losses are tracked on the device below and
+        # checked at log points and before any checkpoint; labels are checked by the datasets.
+        method.validate = False
+        return method.to(self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.step.autocast()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -236,6 +247,7 @@ class Trainer:
                               "to start from weights only, use teacher.checkpoint / load_weights")
         try:
             self.model.load_state_dict(ck["model"])
+            self.method.load_state_dict(ck.get("method") or {})
             self.optimizer.load_state_dict(ck["optimizer"])
         except (RuntimeError, ValueError) as e:  # another model / optimizer than this config's
             raise ConfigError(f"cannot resume from {path}: it does not fit this config "
@@ -260,6 +272,8 @@ class Trainer:
         state = {
             "format": CKPT_FORMAT,
             "model": self.model.state_dict(),
+            # Trainable modules and buffers of the method (connectors, memory banks...).
+            "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             # The LR schedule is a pure function of (epoch, step): nothing else to restore.
@@ -281,7 +295,7 @@ class Trainer:
             meta = {"epoch": epoch, "metrics": row, "model": self.cfg.model.name,
                     "selected_on": "val" if self.best_on == "val" else "test (oracle)",
                     "config": self.cfg.to_dict()}
-            save_weights(self.model, self.ckpt_dir / "best.pt", meta=meta)
+            save_weights(self.method.eval_model(self.model), self.ckpt_dir / "best.pt", meta=meta)
 
     # ------------------------------------------------------------------ run
 
@@ -337,8 +351,7 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         cfg, dev = self.cfg, self.device
-        model = self.train_model
-        model.train()
+        self.step.train_module.train()
         self.train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         # Worker seeds come from this generator: a function of (seed, epoch, rank) only.
         self._loader_gen.manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + self.dist.rank)
@@ -365,8 +378,10 @@ class Trainer:
             set_lr(self.optimizer, self.schedule(epoch - 1, step))
             x = batch[0].to(dev, non_blocking=True)
             y = batch[1].to(dev, non_blocking=True)
-            cached = batch[2] if len(batch) > 2 else None
-            total, terms, logits = self._step(x, y, cached, epoch)
+            cached = batch[2] if self.uses_cache else None
+            index = batch[-1].to(dev, non_blocking=True) if self.method_cls.needs_index else None
+            out, logits = self.step(x, y, epoch=epoch, cached=cached, index=index)
+            total, terms = out.total, out.terms
             if step == 0:
                 keys = [k for k, v in terms.items()
                         if isinstance(v, torch.Tensor) and v.device == total.device]
@@ -423,31 +438,6 @@ class Trainer:
         out["images_per_s"] = total_n / max(elapsed, 1e-9)
         return out
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, cached: torch.Tensor | None,
-              epoch: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
-        if self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        teacher_logits = None
-        if cached is not None:
-            teacher_logits = cached.to(self.device, non_blocking=True).float()
-        elif self.teacher is not None:
-            with torch.inference_mode(), self.autocast():
-                t = self.teacher(x)
-            # Inference tensors cannot be saved for backward: take a normal fp32 copy.
-            teacher_logits = t.to(torch.float32, copy=True)
-        with self.autocast():
-            logits = self.train_model(x)
-        # Losses in fp32 (softmax/log of small probabilities), outside autocast.
-        total, terms = self.criterion(logits.float(), teacher_logits, y, epoch=epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.cfg.train.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return total, terms, logits
-
     def _check_finite(self, bad_step: torch.Tensor, bad_vals: torch.Tensor, keys: list[str],
                       epoch: int) -> None:
         flag = (bad_step >= 0).long().reshape(1)
@@ -469,15 +459,15 @@ class Trainer:
     def _sync_buffers(self) -> None:
         """Rank 0's BN statistics everywhere, so every shard is evaluated with one model."""
         if self.dist.distributed:
-            for b in self.model.buffers():
+            for b in [*self.model.buffers(), *self.method.buffers()]:
                 tdist.broadcast(b, src=0)
 
     def _end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         self._sync_buffers()
         ev = {"autocast": self.autocast, "channels_last": self.cfg.train.channels_last}
-        val = evaluate(self.model, self.val_loader, self.device, **ev) if self.val_loader \
-            else None
-        test = evaluate(self.model, self.test_loader, self.device, **ev)
+        net = self.method.eval_model(self.model)
+        val = evaluate(net, self.val_loader, self.device, **ev) if self.val_loader else None
+        test = evaluate(net, self.test_loader, self.device, **ev)
         row: dict[str, Any] = {"epoch": epoch, **stats}
         if val is not None:
             row["val_acc1"] = val["acc1"]

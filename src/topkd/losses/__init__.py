@@ -5,13 +5,12 @@
   :func:`topkd_loss`.
 * Module front-ends: :class:`KDLoss`, :class:`DKDLoss`, :class:`TSM`, :class:`TDLLoss`,
   :class:`ContrastiveLoss`, :class:`TopKDLoss`.
-* The composable criterion :class:`DistillationLoss` driven by :class:`LossSpec`, with named
-  presets in :data:`METHODS` (``LossSpec.preset("kd+tsm+tdl")``).
 
-Depends on torch and :mod:`topkd.registry` only. See ``docs/losses.md``.
+This is the math layer: cross-entropy weights, warm-up and the composition of terms into a
+training objective belong to the methods (:mod:`topkd.methods`). Depends on torch only.
+See ``docs/losses.md``.
 """
 
-from .criterion import BASES, METHODS, DistillationLoss, LossSpec
 from .functional import (
     contrastive_loss,
     dkd_loss,
@@ -24,14 +23,10 @@ from .functional import (
 from .modules import TSM, ContrastiveLoss, DKDLoss, KDLoss, TDLLoss, TopKDLoss
 
 __all__ = [
-    "BASES",
-    "METHODS",
     "TSM",
     "ContrastiveLoss",
     "DKDLoss",
-    "DistillationLoss",
     "KDLoss",
-    "LossSpec",
     "TDLLoss",
     "TopKDLoss",
     "contrastive_loss",

@@ -10,7 +10,7 @@ Conventions shared by every function:
   with every row ignored gives 0, with a graph, never NaN.
 * KL divergences are summed over classes, averaged over the batch ("batchmean") and multiplied
   by ``T**2``. Each function returns one term with its own explicit weights; cross-entropy and
-  warm-up are not included (see :class:`topkd.losses.DistillationLoss`).
+  warm-up are not included (the methods of :mod:`topkd.methods` compose them).
 * The teacher never receives gradient: it is detached and its side runs under ``no_grad``.
 * Half-precision inputs are computed in float32 (the result is float32), so the losses are
   safe under autocast.

@@ -1,0 +1,168 @@
+"""One training step, shared by the :class:`~topkd.engine.trainer.Trainer` and the benchmark.
+
+:class:`TrainStep` runs the teacher (or takes cached logits), the student with the feature taps
+the method asked for, the method's loss, backward and the optimizer step. It knows nothing
+method-specific: everything comes from the method's declared requirements
+(:class:`topkd.methods.Method`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from topkd.methods import Batch, LossOutput, Method, ModelOutput
+
+__all__ = ["Distiller", "TrainStep", "build_train_step"]
+
+
+class _Runner:
+    """Calls a model and returns :class:`ModelOutput` with the requested feature taps."""
+
+    def __init__(self, model: nn.Module, kinds: tuple[str, ...],
+                 call: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.kinds = kinds
+        self.taps = None
+        if kinds:
+            from topkd.models.features import FeatureTaps
+
+            self.taps = FeatureTaps(model, kinds)
+        self.call = call or model
+
+    def __call__(self, x: Tensor) -> ModelOutput:
+        if self.taps is None:
+            return ModelOutput(self.call(x))
+        with self.taps.capture() as feats:
+            logits = self.call(x)
+        return ModelOutput(logits, dict(feats))
+
+
+class Distiller(nn.Module):
+    """Student + method as one module, so that DDP synchronises the gradients of both.
+
+    ``forward`` runs the student on the main view (and extra views) and returns the method's
+    :class:`LossOutput` and the student's main-view logits.
+    """
+
+    def __init__(self, student: nn.Module, method: Method,
+                 student_call: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        self._run = _Runner(student, tuple(method.student_taps), student_call)
+        #: Context manager of the student forward (set by TrainStep for AMP).
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def forward(self, x: Tensor, labels: Tensor, teacher: ModelOutput | None, epoch: float,
+                index: Tensor | None = None,
+                views: dict[str, tuple[Tensor, ModelOutput | None]] | None = None,
+                ) -> tuple[LossOutput, Tensor]:
+        with self.autocast():
+            s_out = self._run(x)
+            extra = {name: (self._run(xv), t) for name, (xv, t) in (views or {}).items()}
+        batch = Batch(s_out, teacher, labels, epoch, index, extra)
+        return self.method(batch), s_out.logits
+
+
+class TrainStep:
+    """A callable ``step(x, y, epoch=..., cached=..., index=..., views=...)`` doing one update.
+
+    Args:
+        student: the raw student (its parameters are optimised; not wrapped).
+        teacher: the frozen teacher, or ``None`` (method without teacher, or cached logits).
+        method: the distillation method (its parameters are optimised too).
+        optimizer: over the student's and the method's parameters.
+        device, amp_dtype, channels_last, compile, grad_clip: engine settings.
+        ddp: wrap student + method in ``DistributedDataParallel``.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, method: Method,
+                 optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                 compile: bool = False, grad_clip: float | None = None,
+                 ddp: bool = False) -> None:
+        self.student, self.teacher, self.method = student, teacher, method
+        self.optimizer, self.device = optimizer, device
+        self.amp_dtype, self.channels_last, self.grad_clip = amp_dtype, channels_last, grad_clip
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        student_call = torch.compile(student) if compile else None
+        self.distiller = Distiller(student, method, student_call)
+        self.distiller.autocast = self.autocast
+        self.train_module: nn.Module = self.distiller
+        if ddp:
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_module = nn.parallel.DistributedDataParallel(self.distiller,
+                                                                   device_ids=ids)
+        self._teacher_run = None
+        if teacher is not None:
+            t_call = torch.compile(teacher) if compile else teacher
+            self._teacher_run = _Runner(teacher, tuple(method.teacher_taps), t_call)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def teacher_outputs(self, x: Tensor, cached: Tensor | None) -> ModelOutput | None:
+        if cached is not None:
+            return ModelOutput(cached.to(self.device, non_blocking=True).float())
+        if self._teacher_run is None:
+            return None
+        if self._teacher_run.taps is None:
+            with torch.inference_mode(), self.autocast():
+                out = self._teacher_run(x)
+            # Inference tensors cannot be saved for backward: take a normal fp32 copy.
+            return ModelOutput(out.logits.to(torch.float32, copy=True))
+        # Features may be saved for backward by the method: plain no_grad, not inference mode.
+        with torch.no_grad(), self.autocast():
+            out = self._teacher_run(x)
+        return ModelOutput(out.logits.float(), out.feats)
+
+    def __call__(self, x: Tensor, y: Tensor, *, epoch: float, cached: Tensor | None = None,
+                 index: Tensor | None = None, views: dict[str, Tensor] | None = None,
+                 ) -> tuple[LossOutput, Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        teacher = self.teacher_outputs(x, cached)
+        vouts = {}
+        for name, xv in (views or {}).items():
+            if self.channels_last:
+                xv = xv.contiguous(memory_format=torch.channels_last)
+            vouts[name] = (xv, self.teacher_outputs(xv, None))
+        out, logits = self.train_module(x, y, teacher, epoch, index, vouts or None)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.total).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out, logits
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+
+
+def build_train_step(cfg: Any, student: nn.Module, teacher: nn.Module | None, method: Method,
+                     device: torch.device, *, ddp: bool = False) -> TrainStep:
+    """The optimizer and :class:`TrainStep` of a config (``cfg.optim``, ``cfg.train``), as the
+    trainer and the benchmark (``topkd.engine.bench``) build them."""
+    import warnings
+
+    from topkd.engine.optim import build_optimizer
+
+    t = cfg.train
+    cuda = device.type == "cuda"
+    if t.amp != "none" and not cuda:
+        warnings.warn(f"train.amp={t.amp} ignored on {device} (AMP is CUDA-only here)",
+                      stacklevel=3)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if cuda else None
+    optimizer = build_optimizer(cfg.optim, [*student.parameters(), *method.parameters()])
+    return TrainStep(student, teacher, method, optimizer, device=device, amp_dtype=amp_dtype,
+                     channels_last=t.channels_last, compile=t.compile, grad_clip=t.grad_clip,
+                     ddp=ddp)
