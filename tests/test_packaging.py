@@ -7,6 +7,7 @@ needs an extra must name it in one line, never show a ModuleNotFoundError traceb
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 IMPORT_NAME = {"pyyaml": "yaml"}  # distribution -> import name where they differ
 
 SCRIPT = """
-import importlib.abc, sys
+import contextlib, importlib.abc, io, json, sys, traceback
 BLOCKED = set(sys.argv[1].split(","))
 
 class Hide(importlib.abc.MetaPathFinder):
@@ -32,8 +33,23 @@ class Hide(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Hide())
-from topkd.cli import main
-sys.exit(main(sys.argv[2:]))
+import torch  # noqa: F401  (imported once: the slow part)
+
+results = []
+for argv in json.loads(sys.argv[2]):  # several commands, one interpreter
+    for name in [m for m in sys.modules if m == "topkd" or m.startswith("topkd.")]:
+        del sys.modules[name]  # each command imports topkd afresh, as a new process would
+    from topkd.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            rc, _ = 99, traceback.print_exc()
+    results.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
+print(json.dumps(results))
 """
 
 
@@ -42,14 +58,18 @@ def _names(reqs: list[str]) -> set[str]:
     return {IMPORT_NAME.get(d, d) for d in dists}
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, cases: list[list[str]]) -> list[dict]:
+    """Run ``topkd <case>`` for each case in one interpreter with the extras hidden."""
     blocked = _names(PYPROJECT["optional-dependencies"]["train"]) - _names(
         PYPROJECT["dependencies"])
     script = tmp_path / "plain.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(script), ",".join(sorted(blocked)), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script), ",".join(sorted(blocked)),
+                           json.dumps(cases)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_base_dependencies_hold_what_the_command_always_needs():
@@ -58,22 +78,23 @@ def test_base_dependencies_hold_what_the_command_always_needs():
     assert PYPROJECT["scripts"]["topkd"] == "topkd.cli:main"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["distill", "--help"]])
-def test_help_works_without_extras(tmp_path, args):
-    proc = _run(tmp_path, *args)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "usage: topkd" in proc.stdout
+def test_help_works_without_extras(tmp_path):
+    cases = [["--help"], ["train", "--help"], ["distill", "--help"]]
+    for case, res in zip(cases, _run(tmp_path, cases), strict=True):
+        assert res["rc"] == 0, (case, res["err"][-2000:])
+        assert "usage: topkd" in res["out"], case
 
 
-@pytest.mark.parametrize("args", [
-    ["train", str(ROOT / "configs/students/fashion_mnist/fmnist_cnn_student.yaml")],
-    ["eval", str(ROOT / "pyproject.toml"), "--model", "resnet8", "--dataset", "cifar100"],
-    ["demo"],
-    ["report", "runs"],
-])
-def test_commands_name_the_missing_extra_in_one_line(tmp_path, args):
-    proc = _run(tmp_path, *args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("topkd: error: ")
-    assert "pip install 'topkd[train]'" in proc.stderr
+def test_commands_name_the_missing_extra_in_one_line(tmp_path):
+    cases = [
+        ["train", str(ROOT / "configs/students/fashion_mnist/fmnist_cnn_student.yaml")],
+        ["eval", str(ROOT / "pyproject.toml"), "--model", "resnet8", "--dataset", "cifar100"],
+        ["demo"],
+        ["report", "runs"],
+    ]
+    for case, res in zip(cases, _run(tmp_path, cases), strict=True):
+        err = res["err"]
+        assert res["rc"] == 2, (case, err[-2000:])
+        assert "Traceback" not in err and err.count("\n") == 1, (case, err)
+        assert err.startswith("topkd: error: "), case
+        assert "pip install 'topkd[train]'" in err, case
