@@ -192,6 +192,8 @@ def test_progress_without_a_terminal_prints_periodic_lines_with_eta(capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith("[demo] progress 25% (50/200 images), elapsed ")
     assert out[1].startswith("[demo] progress 50% (100/200 images)") and ", ETA " in out[1]
+    assert [demo._duration(t) for t in (5, 65, 3 * 3600 + 125, float("nan"))] == \
+        ["5s", "1m05s", "3h02m", "?"]
     quiet = demo._Progress(total=200, enabled=False, interval=0.0)  # --no-progress
     quiet.update(100)
     assert not quiet.lines and capsys.readouterr().out == ""

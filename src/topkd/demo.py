@@ -118,8 +118,11 @@ def method_config(args: argparse.Namespace, method: str, seed: int,
 # Progress
 # --------------------------------------------------------------------------------------------
 def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: nothing done yet
+        return "?"
     m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 class _Progress:
