@@ -30,8 +30,10 @@ COMMANDS = ("train", "distill", "eval", "transfer", "report", "demo", "methods")
 CMD = re.compile(r"(?<![\w./-])(python -m topkd\.cache|(?:python -m )?topkd) +([a-z][\w-]*)?")
 PATH = re.compile(r"(?<![\w./-])((?:configs|scripts|benchmarks|docs|src|tests)/[\w./-]*[\w/])")
 PLACEHOLDER = re.compile(r"[<>A-Z]|\.\.\.|\*")
-# A path right after another project's name is that project's file, not ours.
-FOREIGN = re.compile(r"(mdistiller|RepDistiller|CRD|torchvision|timm)'?s?\W{0,3}$", re.I)
+# A path shortly after another project's name (within the 80 characters before it), or right
+# after "its" referring back to one, is that project's file, not ours.
+FOREIGN = re.compile(r"(mdistiller|RepDistiller|CRD|torchvision|timm|LS code)'?s?\b[\s\S]*$"
+                     r"|\bits\W{0,3}$", re.I)
 
 
 def _code(text: str) -> list[str]:
@@ -114,7 +116,7 @@ def test_paths_named_in_the_docs_exist():
         for m in PATH.finditer(doc.read_text()):
             path = m.group(1)
             text = doc.read_text()
-            before, after = text[max(0, m.start() - 20): m.start()], text[m.end(): m.end() + 1]
+            before, after = text[max(0, m.start() - 80): m.start()], text[m.end(): m.end() + 1]
             if PLACEHOLDER.search(path + after) or FOREIGN.search(before):
                 continue  # a pattern such as configs/methods/<m>.yaml, or another project's file
             if not (ROOT / path).exists():

@@ -418,7 +418,8 @@ class Trainer:
                     post["img/s"] = f"{n * log_every / max(now - tlog, 1e-9):.0f}"
                     bar.set_postfix(post, refresh=False)
                     tlog = now
-                elif lines and (now := time.perf_counter()) - tline >= PROGRESS_LINE_EVERY_S:
+                elif (lines and step < steps - 1  # the epoch's own line follows the last step
+                      and (now := time.perf_counter()) - tline >= PROGRESS_LINE_EVERY_S):
                     tline, done = now, step + 1
                     eta = (now - t0) / done * (steps - done)
                     print(f"[{cfg.name} seed {cfg.seed}] epoch {epoch}/{cfg.train.epochs} step "
