@@ -319,7 +319,7 @@ def test_negative_label_points_to_ignore_index():
     s, t, y = make(4, 10)
     y[1] = -100
     with pytest.raises(ValueError, match=r"e\.g\. -100; if -100 marks rows to skip, pass "
-                                         r"ignore_index=-100 \(in a config: loss.ignore_index"):
+                                         r"ignore_index=-100 \(in a config: method.ignore_index"):
         L.dkd_loss(s, t, y)
     with pytest.raises(ValueError, match=r"e\.g\. 10$"):  # too large: no such hint
         L.dkd_loss(s, t, y.clamp_min(0).index_fill(0, torch.tensor([2]), 10))

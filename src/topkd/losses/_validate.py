@@ -182,7 +182,7 @@ def _diagnose(fn, s2, t2, y2, keep, C, ignore_index, first_name) -> None:
     hint = ""
     if first < 0 and ignore_index is None:  # e.g. -100, the usual "no label" marker
         hint = (f"; if {first} marks rows to skip, pass ignore_index={first} "
-                f"(in a config: loss.ignore_index={first})")
+                f"(in a config: method.ignore_index={first})")
     raise ValueError(
         f"{fn}: labels must be in [0, {C}){extra}; got {int(bad.sum())} out of range, e.g. {first}"
         + hint
