@@ -404,3 +404,27 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
     assert "[tiny seed 0] epoch 1/1 step 1/2 loss " in out and "epoch ETA" in out
     Trainer(cfg, "train", run_dir=tmp_path / "q", quiet=True).fit()
     assert "step 1/2" not in capsys.readouterr().out
+
+
+def test_out_of_range_training_labels_are_a_config_error(tmp_path):
+    """The step has no per-step label check (no host sync): the engine checks labels once at
+    start, so a -100 of a user's dataset is not silently dropped by cross-entropy. (The readers
+    of the official formats already refuse such files.)"""
+    from torch.utils.data import Subset
+
+    from topkd.engine.data import check_labels
+
+    class Labelled(torch.utils.data.Dataset):
+        def __init__(self, targets):
+            self.targets = targets
+
+        def __len__(self):
+            return len(self.targets)
+
+    check_labels(Subset(Labelled([0, 5, 9]), [0, 2]), 10, "mine")
+    with pytest.raises(ConfigError, match=r"mine: labels must be in \[0, 10\), found -100 "
+                                          r"\(.*method.ignore_index"):
+        check_labels(Subset(Labelled([0, -100, 9]), [1, 2]), 10, "mine")
+    with pytest.raises(ConfigError, match=r"found 10$"):
+        check_labels(Labelled([0, 10]), 10, "mine")
+    check_labels(Subset(Labelled([0, -100, 9]), [0, 2]), 10, "mine")  # only the used samples
