@@ -10,7 +10,13 @@ import torchvision.transforms.functional as tvf
 from torch import nn
 
 from fixtures_data import write_fashion_mnist
-from topkd.cache import ReplayableCropFlip, TeacherLogitCache, build_cache, wrap_dataset
+from topkd.cache import (
+    CacheMismatchError,
+    ReplayableCropFlip,
+    TeacherLogitCache,
+    build_cache,
+    wrap_dataset,
+)
 from topkd.data import DatasetInfo, dataset_info, get_dataset, train_val_split
 from topkd.data.fashion_mnist import CLASSES as FMNIST_CLASSES
 from topkd.data.fashion_mnist_pairs import compose_pairs
@@ -74,7 +80,8 @@ def test_composites_are_source_images_side_by_side(fmnist, split):
         assert np.array_equal(ds.data[i, :, :28], x_src[a])
         assert np.array_equal(ds.data[i, :, 28:], x_src[b])
         assert ds.targets[i] == 10 * y_src[a] + y_src[b]
-        assert ds.classes[ds.targets[i]] == f"{FMNIST_CLASSES[y_src[a]]} | {FMNIST_CLASSES[y_src[b]]}"
+        names = FMNIST_CLASSES[y_src[a]], FMNIST_CLASSES[y_src[b]]
+        assert ds.classes[ds.targets[i]] == " | ".join(names)
     if split == "train":  # n a multiple of 100 and n / 5 <= images per class: each used once
         assert len(np.unique(ds.sources)) == 2 * n
     counts = np.bincount(ds.targets, minlength=100)
@@ -177,6 +184,14 @@ def test_cache_replays_per_half_views_exactly(fmnist, tmp_path):
     u8 = cache.augment.apply(base, cache.params[w.rows, views])
     torch.testing.assert_close(x, (u8.float() / 255 - MEAN[0]) / STD[0], rtol=0, atol=1e-6)
     assert torch.equal(y, torch.tensor([ds.targets[i] for i in fit.indices]))
+    # the engine's check: the cache replays exactly the augmented dataset's own transform ...
+    aug_fit, _ = train_val_split(_pairs(root), 0.2, seed=0)
+    wrap_dataset(aug_fit, tmp_path / "c", match_transform=True)
+    # ... which a whole-image crop/flip cache is not
+    build_cache(_teacher(), ds, tmp_path / "whole", views=1, progress=False,
+                augment=ReplayableCropFlip(padding=2))
+    with pytest.raises(CacheMismatchError, match="PerTile"):
+        wrap_dataset(aug_fit, tmp_path / "whole", match_transform=True)
 
 
 def test_engine_input_size_is_28x56(fmnist):
