@@ -205,3 +205,20 @@ def test_engine_input_size_is_28x56(fmnist):
     d = build_datasets(cfg)
     assert d.num_classes == 100 and d.input_size == (1, 28, 56)
     assert len(d.train) == 80 and len(d.val) == 20 and len(d.test) == 50
+
+
+def test_timm_policies_and_extra_views_on_28x56(fmnist):
+    """RandAugment (translations sized on the shorter side, as timm's create_transform) and
+    MLKD's strong view work on the non-square composites; the main view keeps its label."""
+    from topkd.config import Config
+    from topkd.engine.data import build_datasets
+
+    root, _ = fmnist
+    cfg = Config.from_dict({"data": {"name": "fashion_mnist_pairs", "root": str(root),
+                                     "kwargs": {"train_size": 100, "test_size": 50},
+                                     "auto_augment": "rand-m9-mstd0.5-inc1",
+                                     "views": {"strong": {"auto_augment": "mlkd"}}}})
+    train = build_datasets(cfg).train
+    torch.manual_seed(0)
+    x, y = train[3]
+    assert x["main"].shape == x["strong"].shape == (1, 28, 56) and y == train.targets[3]

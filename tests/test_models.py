@@ -360,6 +360,26 @@ def test_pairs_models_pool_each_half_and_tell_the_order(name: str):
         assert square.feature_dim == c
 
 
+@pytest.mark.parametrize("name", ["fmnist_cnn_teacher", "fmnist_pairs_cnn_student"])
+def test_fmnist_bn_before_relu_shapes_preact_feats(name):
+    """OFD's margins: the BatchNorms whose outputs are preact_feats[1:] (before the ReLU)."""
+    from topkd.models.bn_before_relu import bn_before_relu
+    from topkd.models.features import FeatureTaps
+
+    torch.manual_seed(0)
+    model = create_model(name, model_info(name).default_num_classes).eval()
+    bns = bn_before_relu(model)
+    outs: list[torch.Tensor] = []
+    handles = [bn.register_forward_hook(lambda m, i, o: outs.append(o.clone())) for bn in bns]
+    with torch.no_grad(), FeatureTaps(model, ["preact_feats"]) as taps:
+        _, f = taps(_input(name))
+    for h in handles:
+        h.remove()
+    assert len(bns) == len(f["preact_feats"]) - 1 == 2
+    for o, p in zip(outs, f["preact_feats"][1:]):
+        assert torch.equal(o, p)
+
+
 def test_pairs_teacher_feature_taps_on_28x56():
     from topkd.models.features import feature_shapes
 
