@@ -27,6 +27,7 @@ def _run(root: Path, rel: str, seed: int, acc: float | None, val: float | None =
     (d / "summary.json").write_text(json.dumps({
         "name": rel, "seed": seed, "epochs": 8, "best_val_acc1": val if val is not None else acc,
         "test_acc1_at_best_val": acc, "last_test_acc1": acc, "best_test_acc1": acc}))
+    (d / "metrics.csv").write_text("epoch,train_tsm_corrected,test_acc1\n1,0.1,50\n2,0.2,60\n")
     (d / "config.yaml").write_text(yaml.safe_dump({
         "model": {"name": "fmnist_cnn_student"}, "data": {"train_subset": 4000},
         "train": {"epochs": 8}, "method": {"name": method}}))
@@ -96,6 +97,7 @@ def test_render_tables_best_baseline_sweep_and_controls(root, tmp_path):
     # control vs the tuned original, paired: +0.5, +2.5, +1.5
     assert "KD on the GT-corrected teacher: +1.50 ± 1.00 (3/3) vs `kd` as tuned" in text
     assert "`topkd` is #1 of 4, +0.83 ± 0.29 (3/3) vs kd" in text
+    assert "top-1 is wrong on 15.0% of the training views" in text  # mean of 0.1 and 0.2
 
 
 def test_report_cli_renders_a_study(root, tmp_path, capsys):

@@ -319,7 +319,12 @@ def _controls_section(study: Study, key: str, ds: dict[str, Any], ours: Sequence
                             f"{paired_cell(r, orig)} vs `{c['of']}` as tuned.")
     if not rows:
         return [], []
-    return [f"### Ground-truth correction controls: {ds.get('label', key)}", "",
+    wrong = _corrected_share(study, ds.get("methods", {}).get("topkd", {}).get("final") or [])
+    note = [] if wrong is None else [
+        f"The teacher's top-1 is wrong on {100 * wrong:.1f}% of the training views the students "
+        "see (mean of `train_tsm_corrected` over the final TopKD runs' epochs): the share of "
+        "targets the correction changes.", ""]
+    return [f"### Ground-truth correction controls: {ds.get('label', key)}", "", *note,
             *_table(["variant", "change", "test top-1 @ best val", "original",
                      "Δ vs original (wins)", f"Δ vs {base} (wins)"], rows), ""], findings
 
@@ -349,6 +354,17 @@ def _legacy_section(study: Study) -> list[str]:
         "the recorded method settings; now run by the engine (`topkd.engine.Trainer`).", "",
         *_table(["method", "recorded (in-memory loop)", "engine", "engine per seed",
                  "engine - recorded (means)"], rows), ""]
+
+
+def _corrected_share(study: Study, recs: Sequence[dict[str, Any]]) -> float | None:
+    """Mean of the logged ``train_tsm_corrected`` (share of rows whose teacher top-1 is not the
+    label) over the epochs of ``recs``' runs."""
+    from topkd.report import read_metrics
+
+    vals = [row["train_tsm_corrected"] for rec in recs if study.summary(rec) is not None
+            for row in read_metrics(study.root / rec["dir"] / "metrics.csv")
+            if row.get("train_tsm_corrected") is not None]
+    return sum(vals) / len(vals) if vals else None  # type: ignore[arg-type]
 
 
 def plot_sweep(points: Sequence[tuple[float, Result]], path: Path, key: str = "k",
