@@ -181,17 +181,20 @@ def _run_training(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embedded_config(path: Path) -> dict[str, Any] | None:
+def _embedded_meta(path: Path) -> dict[str, Any]:
+    """The ``meta`` of a topkd file (``{}`` for safetensors / foreign files)."""
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - safetensors / foreign files: no embedded config
-        return None
+        return {}
     if not isinstance(obj, dict):
-        return None
-    cfg = obj.get("config") or (obj.get("meta") or {}).get("config")
-    return cfg if isinstance(cfg, dict) else None
+        return {}
+    meta = dict(obj.get("meta") or {})
+    if isinstance(obj.get("config"), dict):  # a training checkpoint (last.pt)
+        meta["config"] = obj["config"]
+    return meta
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -209,10 +212,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not ckpt.is_file():
         raise ConfigError(f"checkpoint not found: {ckpt}")
     cfg: Config | None = None
+    meta = _embedded_meta(ckpt)
     if args.config:
         cfg = load_config(args.config, args.set)
-    elif (emb := _embedded_config(ckpt)) is not None:
-        cfg = Config.from_dict(emb)
+    elif isinstance(meta.get("config"), dict):
+        cfg = Config.from_dict(meta["config"])
     model_name = args.model or (cfg.model.name if cfg else None)
     dataset = args.dataset or (cfg.data.name if cfg else None)
     if not model_name or not dataset:
@@ -226,9 +230,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         model_kw = dict(cfg.model.kwargs) if cfg and args.model is None else {}
     root = args.data_root or (cfg.data.root if cfg else None)
     data_kw = dict(cfg.data.kwargs) if cfg and args.dataset is None else {}
+    wrapper = meta.get("wrapper") if args.model is None else None
     try:
         ds = get_dataset(dataset, root, args.split, augment=False, **data_kw)
         model = create_model(model_name, int(ds.info.num_classes), **model_kw)
+        if wrapper:  # the method's exported network, e.g. a SimKD student + projector + head
+            from topkd.models.wrappers import wrap_model
+
+            model = wrap_model(wrapper, model, int(ds.info.num_classes))
         device = resolve_device(args.device)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
@@ -242,6 +251,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     out = {"checkpoint": str(ckpt), "model": model_name, "dataset": dataset,
            "split": args.split, "acc1": res["acc1"], "acc5": res["acc5"], "loss": res["loss"],
            "n": res["n"]}
+    if wrapper:
+        out["wrapper"] = wrapper["name"]
     if args.json:
         print(json.dumps(out))
     else:

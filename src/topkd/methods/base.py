@@ -196,7 +196,12 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ engine hooks
     def eval_model(self, student: nn.Module) -> nn.Module:
-        """The network that is evaluated and exported for this student (default: itself)."""
+        """The network that is evaluated and exported for this student (default: itself).
+
+        A network other than the student must have a ``wrapper_spec`` (a registered wrapper of
+        :mod:`topkd.models.wrappers`): the exported ``best.pt`` records it so that
+        ``topkd eval`` rebuilds the same network.
+        """
         return student
 
 
