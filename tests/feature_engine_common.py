@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from test_engine_common import config_dict, make_cifar100
-from topkd.config import Config
+from topkd.config import Config, deep_merge
 
 
 def teacher_checkpoint(tmp: Path, name: str, num_classes: int = 100, seed: int = 0) -> Path:
@@ -36,8 +36,8 @@ def feature_config(tmp: Path, method: dict[str, Any], *, student: str = "resnet8
     ckpt = ckpt or teacher_checkpoint(tmp, teacher)
     d = config_dict(tmp, name=name, model={"name": student}, method=method,
                     teacher={"name": teacher, "checkpoint": str(ckpt)},
-                    train={"epochs": epochs, "device": "cpu", "log_every": 1}, **sections)
-    return Config.from_dict(d)
+                    train={"epochs": epochs, "device": "cpu", "log_every": 1})
+    return Config.from_dict(deep_merge(d, sections))
 
 
 def _equal_states(a: dict[str, Any], b: dict[str, Any], what: str) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from topkd.losses._validate import as_compute
+
 from .base import Batch, Method, MethodContext
 from .params import MethodParams, param
 from .registry import register_method
@@ -109,8 +111,9 @@ class SimKD(Method):
         self._nets: dict[int, nn.Module] = {}  # eval networks per student (not submodules)
 
     def distill(self, batch: Batch, terms: dict[str, Tensor]) -> Tensor:
-        source, target = simkd_align(batch.student.feats["feats"][-1],
-                                     batch.teacher.feats["feats"][-1])  # type: ignore[union-attr]
+        source, target = simkd_align(  # fp32 under AMP (the projector's dtype)
+            as_compute(batch.student.feats["feats"][-1]),
+            as_compute(batch.teacher.feats["feats"][-1]))  # type: ignore[union-attr]
         terms["feat"] = simkd_loss(self.projector(source), target)
         return self.params.feat_weight * terms["feat"]
 

@@ -9,7 +9,7 @@ read the final feature map before global pooling (CAT-KD) need a model cut into 
   kinds it reads), for ``i = 1 .. n - 1``;
 * ``run(x, start)``: stages ``start .. n - 1`` and the head on a boundary-``start - 1`` tensor,
   i.e. ``split.run(split.boundary(feats, i), i + 1)`` equals the model's logits;
-* ``final_map(feats)``: the map the global pooling reads (``relu(boundary(n - 1))``): the head is
+* ``final_map(feats)``: the map the global pooling reads (``relu(boundary(n - 1))``); the head is
   ``classifier(global_avg_pool(relu(x)))`` for every family.
 
 The cut points are FCFD's (LiuDongyang6/FCFD ``classification/models/*.py``: each model's
@@ -116,8 +116,11 @@ class StageSplit:
         return self.head(x)
 
     def final_map(self, feats: Mapping[str, Any]) -> Tensor:
-        """The ``(B, D, H, W)`` map the global average pooling reads."""
-        return F.relu(self.boundary(feats, self.num_stages - 1))
+        """The ``(B, D, H, W)`` map the global average pooling reads: the last boundary after
+        ReLU (applied only where the boundary is before ReLU, so gradients reach the tap as
+        they do in the forward)."""
+        last = self.boundary(feats, self.num_stages - 1)
+        return last if self.after_relu else F.relu(last)
 
     def shapes(self, input_size: Sequence[int]) -> list[tuple[int, int, int]]:
         """Per-sample shapes ``(C, H, W)`` of boundaries ``1 .. n - 1`` (index ``i - 1``) and a
