@@ -21,9 +21,10 @@ def models(student: str = "resnet8", teacher: str = "resnet8", num_classes: int 
 
 def tapped_batch(method, student, teacher, num_classes: int = 10, b: int = 4, seed: int = 0,
                  grad: bool = False) -> Batch:
-    """The models' outputs on a random input, through the taps the method asked for."""
+    """The models' outputs on a random input (in the models' dtype), through the taps the
+    method asked for."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(b, 3, 32, 32, generator=g, dtype=next(student.parameters()).dtype)
     with FeatureTaps(student, method.student_taps) as taps:
         ls, fs = taps(x)
     with torch.no_grad(), FeatureTaps(teacher, method.teacher_taps) as taps:

@@ -95,8 +95,9 @@ class TrainStep:
         self.train_module: nn.Module = self.distiller
         if ddp:
             ids = [device.index] if device.type == "cuda" else None
-            self.train_module = nn.parallel.DistributedDataParallel(self.distiller,
-                                                                   device_ids=ids)
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.distiller, device_ids=ids,
+                find_unused_parameters=method.ddp_find_unused_parameters)
         self._teacher_run = None
         if teacher is not None:
             t_call = torch.compile(teacher) if compile else teacher

@@ -140,6 +140,9 @@ class Method(nn.Module):
     extra_views: ClassVar[tuple[str, ...]] = ()
     #: Whether instances own trainable parameters (connectors...): documentation and a test.
     trainable_modules: ClassVar[bool] = False
+    #: Some of the method's parameters may get no gradient in a step (e.g. modules of randomly
+    #: drawn paths): DDP then looks for unused parameters every step.
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams | Mapping[str, Any] | None = None,
                  ctx: MethodContext | None = None) -> None:

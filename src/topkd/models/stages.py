@@ -44,21 +44,25 @@ Boundary = Callable[[Mapping[str, Any]], Tensor]
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(*modules: nn.Module) -> Iterator[None]:
+def frozen_bn_stats(*modules: nn.Module, batch_stats: bool = False) -> Iterator[None]:
     """BatchNorm layers of ``modules`` do not update their running statistics inside the block.
 
     In train mode they still normalise with the batch statistics (as FCFD's ``GhostForward``,
-    whose per-path running statistics are never read); in eval mode nothing changes.
+    whose per-path running statistics are never read); in eval mode they use the running
+    statistics as usual, unless ``batch_stats`` (then they normalise with the batch statistics
+    in either mode, as a network in train mode does).
     """
     bns = [m for mod in modules for m in mod.modules()
            if isinstance(m, _BatchNorm) and m.track_running_stats]
+    modes = [m.training for m in bns]
     for m in bns:
         m.track_running_stats = False
+        m.training = m.training or batch_stats
     try:
         yield
     finally:
-        for m in bns:
-            m.track_running_stats = True
+        for m, mode in zip(bns, modes):
+            m.track_running_stats, m.training = True, mode
 
 
 @dataclass(frozen=True)
