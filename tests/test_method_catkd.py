@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from examples.catkd import models, tapped_batch
+from tapped_models import models, tapped_batch
 from topkd.methods import MethodContext, create_method
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.simkd import batch as make_batch
+from tapped_models import tapped_batch
 from examples.simkd import context
 from feature_engine_common import feature_config, teacher_checkpoint
 from test_engine_common import make_cifar100, read_metrics
@@ -81,29 +81,34 @@ def ref_loss(ref, feat_s, feat_t, cls_t, logit_s, logit_t, labels, cls=0.0, div=
     return cls * loss_cls + div * loss_div + beta * loss_kd, pred_feat_s
 
 
-# (student, teacher): equal sizes, student larger (pooled), teacher larger (pooled).
-PAIRS = [("resnet8", "resnet8x4"), ("resnet8", "vgg8"), ("mobilenetv2", "resnet8")]
+# (student, teacher): equal sizes, student larger (pooled), teacher larger (pooled), a WRN
+# teacher (its final map is after the last BatchNorm-ReLU: relu(preact_feats[-1])).
+PAIRS = [("resnet8", "resnet8x4"), ("resnet8", "vgg8"), ("mobilenetv2", "resnet8"),
+         ("resnet8", "wrn_16_1")]
 
 
 @pytest.mark.parametrize("student, teacher", PAIRS)
 @pytest.mark.parametrize("cls, beta", [(0.0, 1.0), (0.5, 2.0)])
 def test_loss_and_grads_match_reference(student, teacher, cls, beta):
-    torch.manual_seed(0)
     ctx = context(student, teacher)
+    torch.manual_seed(0)
     m = create_method({"name": "simkd", "ce": cls, "feat_weight": beta}, ctx).double().train()
-    s_shape = ctx.feature_shapes("student", ("feats",))["feats"][-1]
-    t_shape = ctx.feature_shapes("teacher", ("feats",))["feats"][-1]
-    b = make_batch(s_shape, t_shape)
-    fs = b.student.feats["feats"][-1].requires_grad_(True)
-    ref = RefSimKD(s_n=s_shape[0], t_n=t_shape[0]).double().train()
+    b = tapped_batch(m, ctx.student.train(), ctx.teacher.eval(), grad=True)
+    fs = b.student.feats["feats"][-1]
+    # the reference's teacher feat[-2]: the map its classifier pools (WRN: after bn1-ReLU;
+    # VGG: relu(block4); both read from preact_feats)
+    ft = (F.relu(b.teacher.feats["preact_feats"][-1]) if teacher.startswith(("wrn", "vgg"))
+          else b.teacher.feats["feats"][-1])
+    ref = RefSimKD(s_n=fs.shape[1], t_n=ft.shape[1]).double().train()
     ref.transfer.load_state_dict(m.projector.state_dict())  # same layout, same weights
-    cls_t = ctx.teacher.get_classifier().double()
-    want, _ = ref_loss(ref, fs, b.teacher.feats["feats"][-1], cls_t, b.student.logits,
-                       b.teacher.logits, b.labels, cls=cls, beta=beta)
+    cls_t = ctx.teacher.get_classifier()
+    want, _ = ref_loss(ref, fs, ft, cls_t, b.student.logits, b.teacher.logits, b.labels,
+                       cls=cls, beta=beta)
     got = m(b).total
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
-    g_got = torch.autograd.grad(got, [fs, *m.projector.parameters()])
-    g_want = torch.autograd.grad(want, [fs, *ref.transfer.parameters()])
+    params_s = [q for q in ctx.student.parameters() if q.requires_grad]
+    g_got = torch.autograd.grad(got, [*params_s, *m.projector.parameters()], retain_graph=True)
+    g_want = torch.autograd.grad(want, [*params_s, *ref.transfer.parameters()])
     for a, w in zip(g_got, g_want):
         torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-10)
     # BatchNorm statistics move the same way
@@ -114,8 +119,9 @@ def test_loss_and_grads_match_reference(student, teacher, cls, beta):
 def test_evaluation_uses_the_projector_and_the_teacher_head():
     """SimKD evaluation uses the teacher head: the evaluated network equals the reference's
     ``validate_distill`` output ``cls_t(avg_pool(transfer(align(f_s))))``, not the student's."""
-    torch.manual_seed(0)
     ctx = context("resnet8", "vgg8")
+    ctx.student.float(), ctx.teacher.float()
+    torch.manual_seed(0)
     m = create_method("simkd", ctx)
     net = m.eval_model(ctx.student)
     assert isinstance(net, SimKDNet) and m.eval_model(ctx.student) is net  # built once

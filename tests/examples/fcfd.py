@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from examples.catkd import models, tapped_batch
 from method_examples import EXAMPLES, RICH
+from tapped_models import models, tapped_batch
 from topkd.methods import MethodContext, method_class
 
 # One s2t path per step: the drawn path always runs the teacher's stages (so teacher_bn has an

@@ -70,9 +70,12 @@ class SimKDParams(MethodParams):
 class SimKD(Method):
     r"""SimKD: ``ce * CE(student) + warm * feat_weight * MSE(P(align(f_s)), align(f_t))``.
 
-    ``f`` are the last stage outputs (``feats[-1]``; the reference's ``feat[-2]``), ``P`` a
-    trainable bottleneck projector (:class:`topkd.models.wrappers.SimKDProjector`) to the
-    teacher's width. The student classifies through ``P`` and the teacher's classifier: the
+    ``f_s`` is the student's last stage output (``feats[-1]``, the reference's ``feat[-2]``),
+    ``f_t`` the map the teacher's classifier pools (the stage split's ``final_map``: the
+    reference's ``feat[-2]`` for every teacher it uses; for a WRN teacher, absent from the
+    reference, the map after the final BatchNorm-ReLU, so that the reused classifier gets what
+    it was trained on), ``P`` a trainable bottleneck projector
+    (:class:`topkd.models.wrappers.SimKDProjector`) to the teacher's width. The student classifies through ``P`` and the teacher's classifier: the
     evaluated and exported network is :class:`topkd.models.wrappers.SimKDNet` (student +
     projector + a frozen copy of the teacher's classifier; ``best.pt`` records it as the
     ``simkd`` wrapper so ``topkd eval`` rebuilds it). The reference trains with the MSE alone
@@ -86,23 +89,27 @@ class SimKD(Method):
              "CVPR 2022")
     code = "DefangChen/SimKD: models/util.py (SimKD), helper/loops.py"
     student_taps = ("feats",)
-    teacher_taps = ("feats",)
+    teacher_taps = ("feats", "preact_feats")  # the teacher's final map: per family, see stages
     trainable_modules = True
 
     def __init__(self, params: SimKDParams | None = None, ctx: MethodContext | None = None):
         super().__init__(params, ctx)
+        from topkd.models.stages import stage_split
         from topkd.models.wrappers import SimKDProjector
 
-        if ctx is None or ctx.teacher is None:
+        if ctx is None or ctx.teacher is None or ctx.input_size is None:
             raise ValueError("simkd needs the teacher model (its classifier is reused) and the "
                              "models' feature shapes: build it with a MethodContext holding the "
                              "student, the teacher and the input size")
+        split_t = stage_split(ctx.teacher)
         (s_c, s_h, _) = ctx.feature_shapes("student", ("feats",))["feats"][-1]
-        (t_c, t_h, _) = ctx.feature_shapes("teacher", ("feats",))["feats"][-1]
-        head = ctx.teacher.get_classifier()  # type: ignore[operator]
+        (t_c, t_h, _) = split_t.shapes(ctx.input_size)[-1]
+        head = split_t.classifier
         if not isinstance(head, nn.Linear) or head.in_features != t_c:
-            raise ValueError(f"simkd: the teacher's classifier must be a Linear over its last "
-                             f"stage's {t_c} channels (the reused classifier), got {head}")
+            raise ValueError(f"simkd: the teacher's classifier must be a Linear over its final "
+                             f"map's {t_c} channels (the reused classifier), got {head}")
+        self.teacher_taps = split_t.taps
+        self._split_t = {"teacher": split_t}  # the engine's teacher: not one of our modules
         self.projector = SimKDProjector(s_c, t_c, self.params.factor)
         #: A frozen copy of the teacher's classifier: saved with the method and exported.
         self.head = copy.deepcopy(head).requires_grad_(False)
@@ -111,9 +118,9 @@ class SimKD(Method):
         self._nets: dict[int, nn.Module] = {}  # eval networks per student (not submodules)
 
     def distill(self, batch: Batch, terms: dict[str, Tensor]) -> Tensor:
+        final_t = self._split_t["teacher"].final_map(batch.teacher.feats)  # type: ignore[union-attr]
         source, target = simkd_align(  # fp32 under AMP (the projector's dtype)
-            as_compute(batch.student.feats["feats"][-1]),
-            as_compute(batch.teacher.feats["feats"][-1]))  # type: ignore[union-attr]
+            as_compute(batch.student.feats["feats"][-1]), as_compute(final_t))
         terms["feat"] = simkd_loss(self.projector(source), target)
         return self.params.feat_weight * terms["feat"]
 
