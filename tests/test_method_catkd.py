@@ -146,3 +146,56 @@ def test_engine_run_with_recomputed_and_preact_final_maps(tmp_path):
     clf = tr.model.get_classifier()
     assert torch.equal(clf.bias, torch.zeros_like(clf.bias))
     assert int(tr.model.conv2[1].num_batches_tracked) == 2
+
+
+# --------------------------------------------------------------------------- configs
+
+# Our pair keys -> CAT-KD's file names under configs/cifar100/CAT_KD/; model names.
+CATKD_FILE = {"wrn40_2_wrn16_2": "wrn_40_2_wrn_16_2", "wrn40_2_wrn40_1": "wrn_40_2_wrn_40_1"}
+CATKD_MODEL = {"ShuffleV1": "shufflev1", "ShuffleV2": "shufflev2", "MobileNetV2": "mobilenetv2",
+               "ResNet50": "resnet50_cifar", "ResNet34": "resnet34", "ResNet18": "resnet18"}
+
+
+def _expected(ref):
+    c = ref["CAT_KD"]
+    assert not c["onlyCAT"] and not c["IF_BINARIZE"] and not c["IF_OnlyTransferPartialCAMs"]
+    return {"name": "catkd", "ce": c["LOSS"]["CE_WEIGHT"],
+            "cat_weight": c["LOSS"]["CAT_loss_weight"],
+            "resolution": c["LOSS"]["CAM_RESOLUTION"], "normalize": c["IF_NORMALIZE"]}
+
+
+def test_configs_equal_the_reference():
+    """Every CIFAR-100 leaf equals its CAT_KD/<pair>.yaml merged into cfg.py's defaults (method
+    values, models, solver); the ImageNet leaf has the r34_r18.yaml method values."""
+    import _reference as R
+    from test_configs import CONFIGS, GEN, compose
+
+    for pair in GEN.CIFAR_PAIRS:
+        ref = R.resolved("catkd", f"configs/cifar100/CAT_KD/{CATKD_FILE.get(pair.key, pair.key)}"
+                                  ".yaml")
+        assert ref["DISTILLER"]["TYPE"] == "CAT_KD" and ref["if_test"]
+        cfg = compose(CONFIGS / "cifar100" / pair.key / "catkd.yaml")
+        assert cfg["method"] == _expected(ref), pair.key
+        dist = ref["DISTILLER"]
+        assert (cfg["model"]["name"], cfg["teacher"]["name"]) == tuple(
+            CATKD_MODEL.get(n, n) for n in (dist["STUDENT"], dist["TEACHER"])), pair.key
+        sol, o = ref["SOLVER"], cfg["optim"]
+        assert (o["name"], o["lr"], o["momentum"], o["weight_decay"], o["nesterov"]) == (
+            sol["TYPE"].lower(), sol["LR"], sol["MOMENTUM"], sol["WEIGHT_DECAY"], False)
+        assert cfg["sched"]["milestones"] == sol["LR_DECAY_STAGES"]
+        assert cfg["sched"]["gamma"] == sol["LR_DECAY_RATE"]
+        assert (cfg["train"]["epochs"], cfg["data"]["batch_size"]) == (
+            sol["EPOCHS"], sol["BATCH_SIZE"])
+    ref = R.resolved("catkd", "configs/imagenet/CAT-KD/r34_r18.yaml")
+    cfg = compose(CONFIGS / "imagenet" / "r34_r18" / "catkd.yaml")
+    assert cfg["method"] == _expected(ref)
+    assert (cfg["model"]["name"], cfg["teacher"]["name"]) == ("resnet18", "resnet34")
+    # the file's solver except its leftover BATCH_SIZE 2 (configs/methods/imagenet/catkd.yaml)
+    sol, o = ref["SOLVER"], cfg["optim"]
+    assert (o["lr"], o["momentum"], o["weight_decay"]) == (
+        sol["LR"], sol["MOMENTUM"], sol["WEIGHT_DECAY"])
+    assert (cfg["sched"]["milestones"], cfg["train"]["epochs"]) == (
+        sol["LR_DECAY_STAGES"], sol["EPOCHS"])
+    assert sol["BATCH_SIZE"] == 2 and cfg["data"]["batch_size"] == 512
+    assert ref["DISTILLER"]["TYPE"] == "CAT-KD"  # not a key of its distiller_dict ("CAT_KD")
+    assert not (CONFIGS / "imagenet" / "r50_mv1" / "catkd.yaml").exists()

@@ -12,11 +12,14 @@ paths.
 from __future__ import annotations
 
 import copy
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from test_stages import _fcfd_shufflev1_block
 from topkd.methods import Batch, MethodContext, ModelOutput, create_method
@@ -485,3 +488,71 @@ def test_resume_is_bit_exact(tmp_path):
 
     state = assert_resume_bit_exact(tmp_path, {"name": "fcfd"})
     assert any(k.startswith("t2s.") for k in state["method"])
+
+
+# --------------------------------------------------------------------------- configs
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "reference" / "fcfd"
+# Our pair keys -> FCFD's experiment names (<student>-<teacher>).
+FCFD_PAIR = {
+    "res32x4_res8x4": "resnet8x4-resnet32x4", "res56_res20": "resnet20-resnet56",
+    "wrn40_2_wrn16_2": "wrn_16_2-wrn_40_2", "wrn40_2_wrn40_1": "wrn_40_1-wrn_40_2",
+    "vgg13_vgg8": "vgg8-vgg13", "res32x4_shuv1": "ShuffleV1-resnet32x4",
+    "wrn40_2_shuv1": "ShuffleV1-wrn_40_2", "vgg13_mv2": "MobileNetV2-vgg13",
+    "res50_mv2": "MobileNetV2-ResNet50", "res32x4_shuv2": "ShuffleV2-resnet32x4",
+    "r34_r18": "resnet18IN-resnet34IN", "r50_mv1": "MBIN-resnet50IN",
+}
+
+
+def _script_args(path: Path) -> dict[str, str]:
+    argv = shlex.split(path.read_text().replace("\\\n", " "))
+    return {a.split("=")[0]: a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            for i, a in enumerate(argv) if a in ("--init_lr", "--batch_size")}
+
+
+def _expected_method(exp: dict, main: dict) -> dict:
+    """The method section an experiment yaml + main.py's defaults give, after checking that every
+    weight FCFD's reduced parameters leave out is zero in the file."""
+    def const(w):  # a weight schedule {x: [0], y: [v]}: constant v
+        assert w["x"] == [0] and len(w["y"]) == 1 and "T" not in w
+        return float(w["y"][0])
+
+    lt, ls, lm = exp["loss_teacher"], exp["loss_student"], exp["loss_mixture"]
+    assert const(lt["label"]) == 0 and all(const(w) == 0 for w in lt["kl_student"])
+    assert const(ls["kl_student"][1]) == 0 and const(ls["kl_student"][2]) == 0
+    assert const(lm["label"]) == 0
+    assert const(lm["kl_student"][1]) == 0 and const(lm["kl_student"][2]) == 0
+    a = main["argparse"]
+    return {"name": "fcfd", "ce": const(ls["label"]), "kd_weight": const(ls["kl_student"][0]),
+            "mix_weight": const(lm["kl_student"][0]), "temperature": float(exp["T"]),
+            "l2_weight": float(exp["weight_l2"]), "l2_warmup": float(main["l2_warmup_epochs"]),
+            "extra_paths": a["extra_paths"], "extra_type": a["extra_type"],
+            "teacher_bn": "batch"}
+
+
+@pytest.mark.parametrize("dataset, folder", [("cifar100", "cifar"), ("imagenet", "IN")])
+def test_configs_equal_the_reference(dataset, folder):
+    """Every leaf: its experiment yaml (method values), main.py's defaults (solver, paths, L2
+    warm-up) and the README's train script (lr, batch size); res110_res32 has no FCFD values."""
+    from test_configs import CONFIGS, GEN, compose
+
+    main = yaml.safe_load((FIX / "main_args.yaml").read_text())[folder]
+    a = main["argparse"]
+    pairs = GEN.CIFAR_PAIRS if dataset == "cifar100" else GEN.IMAGENET_PAIRS
+    leaves = sorted((CONFIGS / dataset).glob("*/fcfd.yaml"))
+    assert {p.parent.name for p in leaves} == {p.key for p in pairs} - {"res110_res32"}
+    for p in leaves:
+        name = FCFD_PAIR[p.parent.name]
+        exp = yaml.safe_load((FIX / "experiments" / folder / f"{name}.yaml").read_text())
+        cfg = compose(p)
+        assert cfg["method"] == _expected_method(exp, main), p
+        script = _script_args(FIX / "experiments" / folder / main["readme_experiments"][name])
+        o, s = cfg["optim"], cfg["sched"]
+        assert (o["lr"], cfg["data"]["batch_size"]) == (float(script["--init_lr"]),
+                                                        int(script["--batch_size"])), p
+        assert (o["momentum"], o["weight_decay"], o["nesterov"]) == (
+            a["momentum"], a["weight_decay"], a["nesterov"])
+        assert a["scheduler"] == "step" and s["name"] == "multistep" and s["gamma"] == a["gamma"]
+        assert cfg["train"]["epochs"] == a["epochs"]
+        assert s["milestones"] == main["milestones"][a["epochs"]]
+    assert "res110_res32" in GEN._pair_overrides("fcfd")["unsupported"]

@@ -9,11 +9,14 @@ class ``SimKD``; ``helper/loops.py`` ``train_distill``/``validate_distill``; the
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from tapped_models import tapped_batch
 from examples.simkd import context
@@ -192,3 +195,64 @@ def test_resume_is_bit_exact(tmp_path):
     from feature_engine_common import assert_resume_bit_exact
 
     assert_resume_bit_exact(tmp_path, {"name": "simkd"})
+
+
+# --------------------------------------------------------------------------- configs
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "reference" / "simkd"
+
+
+def _simkd_commands() -> list[dict[str, str]]:
+    """The ``--distill simkd`` lines of run_distill.sh as {flag: value}."""
+    out = []
+    for line in (FIX / "run_distill.sh").read_text().splitlines():
+        argv = shlex.split(line)
+        if "--distill" not in argv or argv[argv.index("--distill") + 1] != "simkd":
+            continue
+        args, i = {}, 2  # python train_student.py ...
+        while i < len(argv):  # a flag takes the next token unless that is a flag too
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            args[argv[i]] = argv[i + 1] if has_value else ""
+            i += 2 if has_value else 1
+        out.append(args)
+    return out
+
+
+def test_configs_equal_the_reference():
+    """CIFAR-100 leaves: the CIFAR command's -c/-d/-b and train_student.py's -f and solver
+    defaults (light students lr 0.01); ImageNet leaves: the ImageNet command's solver."""
+    from test_configs import CONFIGS, GEN, LIGHT, compose
+
+    fix = yaml.safe_load((FIX / "train_student.yaml").read_text())
+    d, light = fix["argparse"], fix["light_students"]
+    cifar, imagenet = _simkd_commands()
+    assert "--dataset" not in cifar and imagenet["--dataset"] == "imagenet"
+    for cmd in (cifar, imagenet):  # the logit terms are off: the MSE alone
+        assert float(cmd["-d"]) == 0.0 and float(cmd.get("-f", d["factor"])) == 2
+    want = {"name": "simkd", "ce": float(cifar["-c"]), "feat_weight": float(cifar["-b"]),
+            "factor": int(cifar.get("-f", d["factor"]))}
+    leaves = sorted((CONFIGS / "cifar100").glob("*/simkd.yaml"))
+    assert {p.parent.name for p in leaves} == {p.key for p in GEN.CIFAR_PAIRS}
+    for p in leaves:
+        cfg = compose(p)
+        assert cfg["method"] == want, p
+        o, s = cfg["optim"], cfg["sched"]
+        assert {m.lower() for m in light["models"]} >= LIGHT
+        assert o["lr"] == (light["learning_rate"] if cfg["model"]["name"] in LIGHT
+                           else d["learning_rate"])
+        assert (o["momentum"], o["weight_decay"], o["nesterov"]) == (
+            d["momentum"], d["weight_decay"], False)
+        assert s["milestones"] == [int(e) for e in d["lr_decay_epochs"].split(",")]
+        assert s["gamma"] == d["lr_decay_rate"] and cfg["train"]["epochs"] == d["epochs"]
+        assert cfg["data"]["batch_size"] == d["batch_size"]
+    assert {float(imagenet["-c"]), float(imagenet["-b"])} == {want["ce"], want["feat_weight"]}
+    for pair in ("r34_r18", "r50_mv1"):
+        cfg = compose(CONFIGS / "imagenet" / pair / "simkd.yaml")
+        assert cfg["method"] == want
+        assert cfg["data"]["batch_size"] == int(imagenet["--batch_size"])
+        assert cfg["train"]["epochs"] == int(imagenet["--epochs"])
+        assert cfg["optim"]["lr"] == float(imagenet["--learning_rate"])
+        assert cfg["optim"]["weight_decay"] == float(imagenet["--weight_decay"])
+        assert cfg["optim"]["momentum"] == d["momentum"] and not cfg["optim"]["nesterov"]
+        assert cfg["sched"]["milestones"] == [
+            int(e) for e in imagenet["--lr_decay_epochs"].split(",")]
