@@ -556,3 +556,36 @@ def test_configs_equal_the_reference(dataset, folder):
         assert cfg["train"]["epochs"] == a["epochs"]
         assert s["milestones"] == main["milestones"][a["epochs"]]
     assert "res110_res32" in GEN._pair_overrides("fcfd")["unsupported"]
+
+
+def test_ddp_steps_with_undrawn_paths(tmp_path, monkeypatch):
+    """Under DDP the bridges of paths not drawn get no gradient: the method declares
+    ddp_find_unused_parameters, without which DDP fails at the next step (gloo, one process)."""
+    import torch.distributed as dist
+
+    from topkd.engine.step import TrainStep
+    from topkd.methods.fcfd import FCFD
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        def run(find_unused: bool) -> None:
+            monkeypatch.setattr(FCFD, "ddp_find_unused_parameters", find_unused)
+            s, t = _models("resnet8", "resnet8")
+            s, t = s.float(), t.float().eval().requires_grad_(False)
+            m = create_method("fcfd", MethodContext(num_classes=10, student=s, teacher=t,
+                                                    input_size=(3, 32, 32)))
+            opt = torch.optim.SGD([*s.parameters(), *m.parameters()], lr=0.01)
+            step = TrainStep(s, t, m, opt, device=torch.device("cpu"), ddp=True)
+            x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+            for paths in ([("s2t", 1), ("s2t", 2)], [("t2s", 1), ("s2t", 1)],
+                          [("t2s", 2), ("s2t", 2)]):
+                m.sample_paths = lambda p=paths: p
+                out, _ = step(x, y, epoch=1)
+                assert torch.isfinite(out.total)
+
+        run(True)
+        with pytest.raises(RuntimeError, match="did not receive grad|finished reduction"):
+            run(False)
+    finally:
+        dist.destroy_process_group()
