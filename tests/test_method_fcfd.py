@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 
 from test_stages import _fcfd_shufflev1_block
-from topkd.methods import Batch, MethodContext, ModelOutput, create_method
+from topkd.methods import Batch, Method, MethodContext, ModelOutput, create_method
 from topkd.models import create_model
 from topkd.models.features import FeatureTaps
 from topkd.models.stages import frozen_bn_stats
@@ -589,3 +589,34 @@ def test_ddp_steps_with_undrawn_paths(tmp_path, monkeypatch):
             run(False)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not hasattr(Method, "teacher_bn_batch_stats"),
+                    reason="the engine does not honour Method.teacher_bn_batch_stats yet")
+@pytest.mark.parametrize("teacher_bn", ["batch", "running"])
+def test_engine_runs_the_teacher_as_the_reference(teacher_bn):
+    """teacher_bn: batch -> the teacher's logits and features come from BatchNorm on the batch's
+    statistics (the reference's frozen teacher in train mode), its running statistics kept."""
+    from topkd.engine.step import TrainStep
+
+    s, t = _models("resnet8", "resnet8")
+    s, t = s.float(), t.float().eval().requires_grad_(False)
+    m = create_method({"name": "fcfd", "teacher_bn": teacher_bn},
+                      MethodContext(num_classes=10, student=s, teacher=t, input_size=(3, 32, 32)))
+    seen = {}
+    real = m.distill
+
+    def distill(batch, terms):  # record what the engine gave the method
+        seen["t"] = batch.teacher.logits
+        return real(batch, terms)
+
+    m.distill = distill
+    opt = torch.optim.SGD([*s.parameters(), *m.parameters()], lr=0.01)
+    stats = {k: v.clone() for k, v in t.state_dict().items()}
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    TrainStep(s, t, m, opt, device=torch.device("cpu"))(x, y, epoch=1)
+    with torch.no_grad(), frozen_bn_stats(t, batch_stats=teacher_bn == "batch"):
+        want = t(x)
+    torch.testing.assert_close(seen["t"], want)
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, stats[k]), k
