@@ -145,7 +145,7 @@ TINY_PAIRS: tuple[Pair, ...] = (
     Pair("r18_mv2", "resnet18_cifar", "mobilenetv2_tinyimagenet", TINY_CKPT, "tiny_imagenet.yaml",
          "Tiny-ImageNet"),
 )  # fmt: skip
-TINY_METHODS = ("kd", "dkd", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
+TINY_METHODS = ("kd", "dkd", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl", "dot")
 
 DEIT_TI = "timm:deit_tiny_patch16_224"
 DEIT_KWARGS: tuple[tuple[str, object], ...] = (
