@@ -96,8 +96,8 @@ def test_student_classifier_bias_is_frozen_at_zero_unless_asked():
     assert torch.equal(s.get_classifier().bias, bias0) and s.get_classifier().bias.requires_grad
     m = create_method("catkd", ctx)
     assert m.student_taps == ("feats",) and m.teacher_taps == ("feats",)  # resnets: feats only
-    from topkd.engine.optim import build_optimizer
     from topkd.config import OptimConfig
+    from topkd.engine.optim import build_optimizer
 
     opt = build_optimizer(OptimConfig(), [*s.parameters(), *m.parameters()])
     params = {id(q) for g in opt.param_groups for q in g["params"]}

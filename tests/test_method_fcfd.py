@@ -202,7 +202,7 @@ class RefMetaModel(nn.Module):
             full_paths[i] = [str(_) for _ in p]
         inters = [[{} for m in range(self.n_models)] for stage in range(self.n_stages)]
         for stage_idx in range(self.n_stages):
-            for path_idx, path in enumerate(full_paths):
+            for path_idx, path in enumerate(full_paths):  # noqa: B007 - as the reference
                 m = int(path[stage_idx])
                 if stage_idx == 0:
                     stage_input = images
@@ -233,7 +233,7 @@ class RefMetaModel(nn.Module):
                                     bridge = self.bridges[stage_idx][other_m][m]
                                     inters[stage_idx][other_m][out_feat_name] = bridge(output)
         outputs = []
-        for path_idx, path in enumerate(full_paths):
+        for path_idx, path in enumerate(full_paths):  # noqa: B007 - as the reference
             feat_name = '.'.join(path)
             m = path[-1]
             cls_input = inters[self.n_stages - 1][int(m)][feat_name]

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from tapped_models import tapped_batch
 from examples.simkd import context
 from feature_engine_common import feature_config, teacher_checkpoint
+from tapped_models import tapped_batch
 from test_engine_common import make_cifar100, read_metrics
 from topkd.methods import create_method
 from topkd.models import create_model

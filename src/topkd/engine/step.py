@@ -31,14 +31,14 @@ class _Runner:
         if kinds:
             from topkd.models.features import FeatureTaps
 
-            self.taps = FeatureTaps(model, kinds)
         self.call = call or model
+        if kinds:
+            self.taps = FeatureTaps(self.call, kinds)
 
     def __call__(self, x: Tensor) -> ModelOutput:
         if self.taps is None:
             return ModelOutput(self.call(x))
-        with self.taps.capture() as feats:
-            logits = self.call(x)
+        logits, feats = self.taps(x)
         return ModelOutput(logits, dict(feats))
 
 

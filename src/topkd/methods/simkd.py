@@ -75,10 +75,11 @@ class SimKD(Method):
     reference's ``feat[-2]`` for every teacher it uses; for a WRN teacher, absent from the
     reference, the map after the final BatchNorm-ReLU, so that the reused classifier gets what
     it was trained on), ``P`` a trainable bottleneck projector
-    (:class:`topkd.models.wrappers.SimKDProjector`) to the teacher's width. The student classifies through ``P`` and the teacher's classifier: the
-    evaluated and exported network is :class:`topkd.models.wrappers.SimKDNet` (student +
-    projector + a frozen copy of the teacher's classifier; ``best.pt`` records it as the
-    ``simkd`` wrapper so ``topkd eval`` rebuilds it). The reference trains with the MSE alone
+    (:class:`topkd.models.wrappers.SimKDProjector`) to the teacher's width. The student
+    classifies through ``P`` and the teacher's classifier: the evaluated and exported network
+    is :class:`topkd.models.wrappers.SimKDNet` (student + projector + a frozen copy of the
+    teacher's classifier; ``best.pt`` records it as the ``simkd`` wrapper so ``topkd eval``
+    rebuilds it). The reference trains with the MSE alone
     (``-c 0 -d 0 -b 1``): ``ce`` defaults to 0, and a CE term, if asked for, applies to the
     student's own classifier as in the reference (``train_acc1`` is that classifier's accuracy
     too; the test accuracy is the SimKD network's).
@@ -118,7 +119,9 @@ class SimKD(Method):
         self._nets: dict[int, nn.Module] = {}  # eval networks per student (not submodules)
 
     def distill(self, batch: Batch, terms: dict[str, Tensor]) -> Tensor:
-        final_t = self._split_t["teacher"].final_map(batch.teacher.feats)  # type: ignore[union-attr]
+        teacher = batch.teacher
+        assert teacher is not None
+        final_t = self._split_t["teacher"].final_map(teacher.feats)
         source, target = simkd_align(  # fp32 under AMP (the projector's dtype)
             as_compute(batch.student.feats["feats"][-1]), as_compute(final_t))
         terms["feat"] = simkd_loss(self.projector(source), target)
