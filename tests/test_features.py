@@ -12,11 +12,13 @@ would return for our weights.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from topkd.models import (
     TAP_KINDS,
@@ -30,6 +32,7 @@ from topkd.models import (
     model_info,
 )
 from topkd.models.features import unwrap_model
+from topkd.models.shufflenet import ShuffleV2Block
 
 # ----------------------------------------------------------------------------------------------
 # mdistiller transcriptions (forward passes only), run on our module objects.
@@ -642,31 +645,47 @@ def _input(name: str, batch: int = 2) -> torch.Tensor:
 ZOO = sorted(n for n in list_models() if not n.startswith("test_"))
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators a forward dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("name", ZOO)
-def test_taps_do_not_change_the_model_and_add_no_forward(name: str):
-    model = _model(name).eval()
+def test_taps_add_no_forward_and_no_compute(name: str):
+    # With every kind tapped, the same aten operators as the bare model plus only the declared
+    # copies (clone=True taps) and ShuffleNetV2's preact concatenations; the same logits.
+    model = _model(name).train()
     x = _input(name)
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    calls = [0]
-
-    def count(*_):
-        calls[0] += 1
-
-    handles = [m.register_forward_hook(count) for m in convs]
-    with torch.no_grad():
+    declared = [k for k in TAP_KINDS if k in model.feature_taps()]
+    torch.manual_seed(3)  # the same dropout masks in every run (fmnist_cnn_teacher)
+    with _OpCounter() as bare_ops:
         bare = model(x)
-        bare_calls, calls[0] = calls[0], 0
-        declared = [k for k in TAP_KINDS if k in model.feature_taps()]
-        with FeatureTaps(model, declared) as taps:
-            logits, f = taps(x)
-        assert calls[0] == bare_calls  # one forward, no extra convolution
-        feats = model.forward_features(x)
-    for h in handles:
-        h.remove()
+    torch.manual_seed(3)
+    with FeatureTaps(model, declared) as taps, _OpCounter() as all_ops:
+        logits, f = taps(x)
+        n_cat = sum(isinstance(m, ShuffleV2Block) and m.preact.active for m in model.modules())
+    n_clone = sum(
+        t.clone for k in declared for t in _taps_of(model.feature_taps()[k]) if isinstance(t, Tap)
+    )
+    assert all_ops.ops - bare_ops.ops == Counter({"clone": n_clone, "cat": n_cat})
+    assert not bare_ops.ops - all_ops.ops
     assert torch.equal(logits, bare)
     assert list(f) == declared
-    assert torch.equal(f["pooled_feat"], feats)  # pooled_feat is the contract's features
+    torch.manual_seed(3)
+    with torch.no_grad():  # pooled_feat is the contract's features (train-mode BN: same batch)
+        assert torch.equal(f["pooled_feat"], model.forward_features(x))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def _taps_of(entry):
+    return [entry] if isinstance(entry, (Tap, str)) else list(entry)
 
 
 def test_only_requested_taps_are_hooked():
@@ -675,10 +694,14 @@ def test_only_requested_taps_are_hooked():
     def hooked():
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
+    x = torch.randn(2, 3, 32, 32)
     taps = FeatureTaps(model, ())
     assert hooked() == 0  # the bare model: nothing registered at all
-    logits, f = taps(torch.randn(2, 3, 32, 32))
-    assert f == {} and logits.shape == (2, 10)
+    with _OpCounter() as none_ops:
+        logits, f = taps(x)
+    with _OpCounter() as bare_ops:
+        bare = model(x)
+    assert f == {} and torch.equal(logits, bare) and none_ops.ops == bare_ops.ops
     with FeatureTaps(model, ["pooled_feat"]):
         assert hooked() == 1
     with FeatureTaps(model, ["feats", "preact_feats"]):
@@ -966,12 +989,13 @@ def _compile_works() -> str | None:
 
 @pytest.mark.skipif(_compile_works() is not None, reason=str(_compile_works()))
 @pytest.mark.parametrize(
-    "name, backend", [("resnet8x4", "aot_eager"), ("wrn_16_1", "aot_eager"), ("shufflev2", "eager")]
+    "name, backend", [("wrn_16_1", "aot_eager"), ("shufflev2", "eager")]
 )
 def test_torch_compile_wrapper(name: str, backend: str):
     # ``eager`` runs dynamo's graph capture (hooks traced into the graph, their dict writes
-    # replayed; ShuffleNetV2's TapPoint.active branch), ``aot_eager`` also AOTAutograd's
-    # functionalisation of the in-place ops (wrn's copied taps), both without a C++ toolchain.
+    # replayed; ShuffleNetV2's TapPoints and TapPoint.active branch), ``aot_eager`` also
+    # AOTAutograd's functionalisation of the in-place ops (WRN's copied taps), both without a
+    # C++ toolchain.
     import torch._dynamo
     import torch._dynamo.testing
 
@@ -1045,3 +1069,26 @@ def test_timm_taps_are_forward_intermediates(name, kw, n_feats):
     with pytest.raises(ValueError, match="no tap points for 'preact_feats'"):
         FeatureTaps(model, ["preact_feats"])
     assert "topkd_intermediates" not in "".join(model.state_dict())
+
+
+def test_fmnist_taps():
+    # Our own demo CNNs: each stage's last conv-BN-ReLU (before the max-pool), its BatchNorm
+    # output before the in-place ReLU, and the pooled features before dropout.
+    model = _model("fmnist_cnn_teacher").train()  # dropout 0.2 active
+    x = torch.randn(4, 1, 28, 28)
+    with FeatureTaps(model, TAP_KINDS) as taps:
+        _, f = taps(x)
+    layers = list(model.features)
+    expected, h = [], x  # (BatchNorm output, block output) at each stage end
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.MaxPool2d):
+            h = layer(h)
+            continue
+        pre = layer[1](layer[0](h))
+        h = F.relu(pre)
+        if i + 1 == len(layers) or isinstance(layers[i + 1], nn.MaxPool2d):
+            expected.append((pre, h))
+    assert [t.shape[1:] for t in f["feats"]] == [(32, 28, 28), (64, 14, 14), (256, 7, 7)]
+    for (pre, post), a, b in zip(expected, f["preact_feats"], f["feats"], strict=True):
+        assert torch.equal(a, pre) and torch.equal(b, post)
+    assert torch.equal(f["pooled_feat"], F.avg_pool2d(h, 7).flatten(1))  # before dropout
