@@ -45,6 +45,24 @@ class ToFloat:
         return "ToFloat()"
 
 
+class ImageTransform(T.Compose):
+    """The ``T.Compose`` made by :func:`build_transform`, remembering how it was made.
+
+    ``topkd.data.augment`` rebuilds a dataset's transform from these parts to insert
+    augmentation policies between the geometry (on ``uint8`` tensors or PIL images) and the
+    float conversion, so that the policies apply to every dataset built with
+    :func:`~topkd.data.make_transforms`.
+    """
+
+    def __init__(self, ops: Sequence[Transform], *, geometry: Sequence[Transform],
+                 mean: Sequence[float], std: Sequence[float], normalize: bool, raw: bool,
+                 from_pil: bool) -> None:
+        super().__init__(list(ops))
+        self.geometry = tuple(geometry)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.normalize, self.raw, self.from_pil = normalize, raw, from_pil
+
+
 def build_transform(
     geometry: Sequence[Transform],
     *,
@@ -53,7 +71,7 @@ def build_transform(
     normalize: bool = True,
     raw: bool = False,
     from_pil: bool = False,
-) -> Transform | None:
+) -> ImageTransform | None:
     """Compose ``geometry`` (crops/flips/resizes) with the tensor conversion and normalisation.
 
     ``raw=True`` stops after the geometry and returns ``uint8`` tensors (``None`` if nothing is
@@ -69,7 +87,8 @@ def build_transform(
             ops.append(T.Normalize(tuple(mean), tuple(std)))
     if not ops:
         return None
-    return T.Compose(ops)
+    return ImageTransform(ops, geometry=geometry, mean=mean, std=std, normalize=normalize,
+                          raw=raw, from_pil=from_pil)
 
 
 def crop_flip(size: int, padding: int) -> list[Transform]:

@@ -45,12 +45,17 @@ class WithIndex(Dataset):
 
 
 def build_datasets(cfg: Config) -> Datasets:
-    """Train (augmented per ``data.augment``), optional held-out val (test-time transform), test."""
+    """Train (augmented per ``data.augment`` and the policies/views of
+    :mod:`topkd.data.augment`), optional held-out val (test-time transform), test."""
     from topkd.data import dataset_info, get_dataset, train_val_split
+    from topkd.data.augment import apply_policies
 
     d = cfg.data
+    # Built with the training geometry if any view (main or extra) uses it.
+    augment = d.augment or any(v.augment for v in d.views.values())
     try:
-        train = get_dataset(d.name, d.root, "train", augment=d.augment, **d.kwargs)
+        train = get_dataset(d.name, d.root, "train", augment=augment, **d.kwargs)
+        train = apply_policies(train, d)
         test = get_dataset(d.name, d.root, "test", augment=False, **d.kwargs)
     except (ValueError, TypeError) as e:  # unknown dataset name / option: a config problem
         raise ConfigError(f"data: {e}") from None
@@ -116,12 +121,20 @@ def train_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> tuple[DataLoader, 
     same global batches as a single process with the same global batch size, and a resumed run
     continues the exact data order from the epoch number alone.
     """
+    from topkd.data.augment import mixes_batches
+
     sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=cfg.seed, drop_last=False)
     gen = torch.Generator()  # drives worker base seeds; re-seeded per epoch by the trainer
-    loader = DataLoader(ds, batch_size=per_rank_batch(cfg.data.batch_size, dist.world_size,
-                                                      "data.batch_size"),
-                        sampler=sampler, generator=gen, drop_last=False, **_loader_kw(cfg, dist))
+    # Mixup/CutMix pair the images of a batch: drop the last incomplete one (as timm/DeiT).
+    mixing = mixes_batches(cfg.data)
+    bs = per_rank_batch(cfg.data.batch_size, dist.world_size, "data.batch_size")
+    loader = DataLoader(ds, batch_size=bs, sampler=sampler, generator=gen, drop_last=mixing,
+                        **_loader_kw(cfg, dist))
+    if mixing and len(loader) == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: with Mixup/CutMix the last "
+                          f"incomplete batch is dropped, and {len(sampler)} training images per "
+                          "rank make no full batch")
     return loader, gen
 
 

@@ -115,6 +115,9 @@ class TrainStep:
         if self._own_step is not None and (self.scaler.is_enabled() or grad_clip is not None):
             raise ValueError(f"{type(optimizer).__name__} runs its own backward passes: fp16 "
                              "loss scaling and gradient clipping are not supported with it")
+        #: ``x, y = mix(x, y)`` before the teacher and the student see the batch (Mixup/CutMix,
+        #: label smoothing: :class:`topkd.data.augment.BatchMix`); set by the trainer.
+        self.mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -139,6 +142,8 @@ class TrainStep:
     def __call__(self, x: Tensor, y: Tensor, *, epoch: float, cached: Tensor | None = None,
                  index: Tensor | None = None, views: dict[str, Tensor] | None = None,
                  ) -> tuple[LossOutput, Tensor]:
+        if self.mix is not None:  # the teacher sees the same mixed images as the student
+            x, y = self.mix(x, y)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         teacher = self.teacher_outputs(x, cached)

@@ -25,6 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from topkd.config import Config, ConfigError
+from topkd.data.augment import build_batch_mix
+from topkd.engine.augment import check_augmentation, unpack_images
 from topkd.engine.data import build_datasets, eval_loader, train_loader
 from topkd.engine.evaluate import evaluate
 from topkd.engine.optim import LRSchedule, set_lr
@@ -83,10 +85,6 @@ class Trainer:
                 "distillation term: use 'topkd train' to train the model alone, or pick a "
                 "distillation method (method.name=kd, dkd, topkd, ...; 'topkd methods' lists "
                 "them)")
-        if mcls.extra_views:  # until the data pipeline can build multi-view batches
-            raise ConfigError(
-                f"method {mcls.name!r} needs extra view(s) {', '.join(mcls.extra_views)} of "
-                "every training image, which the data pipeline cannot provide yet")
         self.uses_cache = self.uses_teacher and t.teacher_cache is not None
         if self.uses_cache and (mcls.teacher_taps or mcls.extra_views):
             what = "teacher features" if mcls.teacher_taps else "the teacher on extra views"
@@ -98,6 +96,8 @@ class Trainer:
 
         # Data.
         self.data = build_datasets(cfg)
+        check_augmentation(cfg, mcls, uses_cache=self.uses_cache,
+                           world_size=self.dist.world_size, image_size=self.data.input_size[1])
         train_ds = self.data.train
         if self.uses_cache:
             from topkd.cache import wrap_dataset
@@ -127,6 +127,7 @@ class Trainer:
         _export_meta(self.method.eval_model(self.model), self.model)  # fail early, not at save
         self.step = build_train_step(cfg, self.model, self.teacher, self.method, self.device,
                                      ddp=self.dist.distributed)
+        self.step.mix = build_batch_mix(cfg.data, self.data.num_classes)
         self.optimizer, self.scaler = self.step.optimizer, self.step.scaler
         self.amp_dtype = self.step.amp_dtype
         self.schedule = LRSchedule(cfg.sched, cfg.optim.lr, t.epochs, self.steps_per_epoch)
@@ -343,11 +344,11 @@ class Trainer:
             if step >= steps:
                 break
             set_lr(self.optimizer, self.schedule(epoch - 1, step))
-            x = batch[0].to(dev, non_blocking=True)
+            x, views = unpack_images(batch[0], dev)  # views: extra views the method asked for
             y = batch[1].to(dev, non_blocking=True)
             cached = batch[2] if self.uses_cache else None
             index = batch[-1].to(dev, non_blocking=True) if self.method_cls.needs_index else None
-            out, logits = self.step(x, y, epoch=epoch, cached=cached, index=index)
+            out, logits = self.step(x, y, epoch=epoch, cached=cached, index=index, views=views)
             total, terms = out.total, out.terms
             if step == 0:
                 keys = [k for k, v in terms.items()
