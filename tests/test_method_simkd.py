@@ -176,8 +176,9 @@ def test_run_exports_the_evaluated_network_and_topkd_eval_agrees(tmp_path, capsy
     from topkd.engine import Trainer
 
     make_cifar100(tmp_path / "data", n_train=32, n_test=24)
-    cfg = feature_config(tmp_path, {"name": "simkd"}, teacher="vgg8",
-                         ckpt=teacher_checkpoint(tmp_path, "vgg8"), epochs=1)
+    cfg = feature_config(tmp_path, {"name": "simkd"}, teacher="vgg8",  # best.pt: picked on val
+                         ckpt=teacher_checkpoint(tmp_path, "vgg8"), epochs=1,
+                         data={"val_fraction": 0.25})
     summary = Trainer(cfg, "distill", quiet=True).fit()
     (row,) = read_metrics(cfg.run_dir)
     best = cfg.run_dir / "checkpoints" / "best.pt"
@@ -187,7 +188,7 @@ def test_run_exports_the_evaluated_network_and_topkd_eval_agrees(tmp_path, capsy
     assert main(["eval", str(best), "--json", "--batch-size", "7", "--num-workers", "0"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["wrapper"] == "simkd" and out["n"] == 24
-    assert out["acc1"] == pytest.approx(summary["best_test_acc1"], abs=1e-9)
+    assert out["acc1"] == pytest.approx(summary["test_acc1_at_best_val"], abs=1e-9)
     assert out["loss"] == pytest.approx(float(row["test_loss"]), rel=1e-4)
 
 
