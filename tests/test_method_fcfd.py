@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 
 from test_stages import _fcfd_shufflev1_block
-from topkd.methods import Batch, Method, MethodContext, ModelOutput, create_method
+from topkd.methods import Batch, MethodContext, ModelOutput, create_method
 from topkd.models import create_model
 from topkd.models.features import FeatureTaps
 from topkd.models.stages import frozen_bn_stats
@@ -591,8 +591,6 @@ def test_ddp_steps_with_undrawn_paths(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not hasattr(Method, "teacher_bn_batch_stats"),
-                    reason="the engine does not honour Method.teacher_bn_batch_stats yet")
 @pytest.mark.parametrize("teacher_bn", ["batch", "running"])
 def test_engine_runs_the_teacher_as_the_reference(teacher_bn):
     """teacher_bn: batch -> the teacher's logits and features come from BatchNorm on the batch's
