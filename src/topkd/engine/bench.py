@@ -108,7 +108,8 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
                  num_classes: int = 100, size: int = 32, device: str = "auto",
                  amp: str = "none", channels_last: bool = False, seed: int = 0
                  ) -> list[dict[str, Any]]:
-    """Median seconds per training step of each method and its ratio to ``methods[0]``.
+    """Median seconds per training step of each method, its ratio to ``methods[0]``, and the
+    number of trainable parameters of the method's own modules (``method_params``).
 
     Every method gets its own student (same seed) and method modules; the teacher is shared.
     Each of ``repeats`` rounds times ``steps`` steps of every method in turn (after ``warmup``
@@ -120,11 +121,12 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
     mf = torch.channels_last if channels_last else torch.preserve_format
     torch.manual_seed(seed)
     t_model = create_model(teacher, num_classes).to(dev, memory_format=mf).eval()
-    runs = {}
+    runs, extra = {}, {}
     for name in methods:
         torch.manual_seed(seed)
         st = build_step(teacher, student, name, num_classes, str(dev), amp, channels_last,
                         teacher_model=t_model, size=size)
+        extra[name] = sum(p.numel() for p in st.method.parameters() if p.requires_grad)
         runs[name] = _runner(st, batch, num_classes, size)
         runs[name](warmup)
     times: dict[str, list[float]] = {n: [] for n in methods}
@@ -133,8 +135,9 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
             times[name].append(runs[name](steps)[0] / steps)
     med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
     return [{"method": n, "s_per_step": med[n], "ratio": med[n] / med[methods[0]],
-             "runs_s_per_step": times[n], "teacher": teacher, "student": student,
-             "batch": batch, "device": str(dev), "threads": torch.get_num_threads()}
+             "runs_s_per_step": times[n], "method_params": extra[n], "teacher": teacher,
+             "student": student, "batch": batch, "device": str(dev),
+             "threads": torch.get_num_threads()}
             for n in methods]
 
 
@@ -161,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = method_costs(a.methods.split(","), a.teacher, a.student, a.batch, a.steps,
                             a.warmup, a.repeats, device=a.device, amp=a.amp,
                             channels_last=a.channels_last)
-        print(f"| method | s/step | x {rows[0]['method']} |\n| --- | --- | --- |")
+        print(f"| method | s/step | x {rows[0]['method']} | method parameters |\n"
+              "| --- | --- | --- | --- |")
         for r in rows:
-            print(f"| {r['method']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} |")
+            print(f"| {r['method']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | "
+                  f"{r['method_params']:,} |")
         print(json.dumps(rows))
         return 0
     with contextlib.suppress(KeyboardInterrupt):
