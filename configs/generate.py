@@ -7,8 +7,10 @@ from the tables below, so that a pair's facts (models, teacher checkpoint, light
 beta exception) are stated once:
 
 * ``pairs/<dataset>/<pair>.yaml``: student ``model`` + ``teacher`` (name, checkpoint);
-* ``cifar100/<pair>/<method>.yaml``: the full CIFAR-100 grid, 11 pairs x 7 methods = 77 files,
-  each ``defaults: [base, pair, method]`` + ``name`` (+ the pair's DKD beta where it differs);
+* ``cifar100/<pair>/<method>.yaml``: the full CIFAR-100 grid, 11 pairs x every method file of
+  ``methods/`` (less the pairs a method declares unsupported), each
+  ``defaults: [base, pair, method]`` + ``name`` (+ the pair's DKD beta or other per-pair
+  settings of ``pair_overrides/``);
 * ``imagenet/``, ``tiny_imagenet/``, ``cifar100_vit/``, ``fashion_mnist/`` leaves likewise;
 * ``teachers/`` and ``students/``: plain cross-entropy training of every teacher and student.
 
@@ -107,17 +109,20 @@ def _method_files(folder: str) -> tuple[str, ...]:
 
 
 CIFAR_METHODS = _method_files("methods")
-# Per-pair settings of a method on CIFAR-100 beyond the method file (e.g. a pair's hint layer):
-# ``pair_overrides/cifar100/<method file stem>.yaml`` maps pair keys to ``method:`` values; its
+# Per-pair settings of a method beyond the method file (e.g. a pair's hint layer):
+# ``pair_overrides/<dataset>/<method file stem>.yaml`` maps pair keys to ``method:`` values; keys
+# named like a config section (``optim``, ``sched``, ``train``, ``data``) are that section's
+# values instead (a method whose reference recipe differs per pair, e.g. MLKD's epochs). Its
 # optional ``unsupported: {pair: reason}`` skips pairs the method cannot run (the reason is kept
 # in docs/methods.md). DKD's per-pair beta stays in the pair table below (it also drives dkd_ls).
-PAIR_OVERRIDES_DIR = "pair_overrides/cifar100"
+PAIR_OVERRIDES_DIR = "pair_overrides"
+SECTIONS = ("data", "optim", "sched", "train")
 
 
-def _pair_overrides(method: str) -> dict[str, dict[str, object]]:
+def _pair_overrides(method: str, dataset: str = "cifar100") -> dict[str, dict[str, object]]:
     import yaml
 
-    p = CONFIG_DIR / PAIR_OVERRIDES_DIR / f"{method}.yaml"
+    p = CONFIG_DIR / PAIR_OVERRIDES_DIR / dataset / f"{method}.yaml"
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 DKD_METHODS = frozenset({"dkd", "dkd_ls", "dkd_tsm_tdl"})
 
@@ -140,7 +145,7 @@ TINY_PAIRS: tuple[Pair, ...] = (
     Pair("r18_mv2", "resnet18_cifar", "mobilenetv2_tinyimagenet", TINY_CKPT, "tiny_imagenet.yaml",
          "Tiny-ImageNet"),
 )  # fmt: skip
-TINY_METHODS = ("kd", "dkd", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
+TINY_METHODS = ("kd", "dkd", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl", "dot")
 
 DEIT_TI = "timm:deit_tiny_patch16_224"
 DEIT_KWARGS: tuple[tuple[str, object], ...] = (
@@ -230,11 +235,16 @@ def _distill_leaves(
         out[f"pairs/{dataset}/{pair.key}.yaml"] = _pair_file(dataset, pair)
         for method in methods:
             loss: dict[str, object] = dict((overrides or {}).get(method, {}))
+            sections: dict[str, dict[str, object]] = {}
             if per_pair:
-                table = _pair_overrides(method)
+                table = _pair_overrides(method, dataset)
                 if pair.key in (table.get("unsupported") or {}):
                     continue
-                loss.update(table.get(pair.key) or {})
+                for key, value in (table.get(pair.key) or {}).items():
+                    if key in SECTIONS:
+                        sections[key] = value
+                    else:
+                        loss[key] = value
             if pair.dkd_beta is not None and method in DKD_METHODS:
                 # DKD+LS: the LS code multiplies DKD's alpha and beta by its kd weight 9.
                 loss["beta"] = pair.dkd_beta * (9.0 if method == "dkd_ls" else 1.0)
@@ -244,6 +254,7 @@ def _distill_leaves(
                 f"../../{method_dir}/{method}.yaml",
             ]
             extra = [f"method: {_flow(loss)}"] if loss else []
+            extra += [f"{key}: {_flow(sections[key])}" for key in SECTIONS if key in sections]
             name = f"{dataset}_{pair.key}_{method}"
             out[f"{dataset}/{pair.key}/{method}.yaml"] = _leaf(defaults, name, extra)
     return out
@@ -268,7 +279,8 @@ def generate() -> dict[str, str]:
     out: dict[str, str] = {}
     out.update(_distill_leaves("cifar100", CIFAR_PAIRS, CIFAR_METHODS, "methods",
                                per_pair=True))
-    out.update(_distill_leaves("imagenet", IMAGENET_PAIRS, IMAGENET_METHODS, "methods/imagenet"))
+    out.update(_distill_leaves("imagenet", IMAGENET_PAIRS, IMAGENET_METHODS, "methods/imagenet",
+                               per_pair=True))
     out.update(_distill_leaves("tiny_imagenet", TINY_PAIRS, TINY_METHODS, "methods"))
     out.update(_distill_leaves("cifar100_vit", VIT_PAIRS, VIT_METHODS, "methods"))
     out.update(_distill_leaves("fashion_mnist", FMNIST_PAIRS, FMNIST_METHODS, "methods",

@@ -81,7 +81,7 @@ def test_method_name_override_starts_from_that_methods_defaults(tree):
     ("train.epochs=abc", r"invalid value for 'train.epochs': 'abc'; expected int"),
     ("train.epochs=1.5", r"'train.epochs': 1.5; expected int"),
     ("train.channels_last=maybe", r"'train.channels_last': 'maybe'; expected bool"),
-    ("optim.name=adam", r"expected one of \{sgd, adamw\}"),
+    ("optim.name=adam", r"expected one of \{sgd, adamw, dot\}"),
     ("sched.milestones=5", r"'sched.milestones': 5; expected list\[int\]"),
     ("sched.milestones=[a]", r"'sched.milestones\[0\]': 'a'; expected int"),
     ("optim.betas=[0.9]", r"'optim.betas'.*expected tuple\[float, float\]"),

@@ -57,12 +57,17 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "dot"] = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5.0e-4
     betas: tuple[float, float] = (0.9, 0.999)
+    # DOT only (topkd.engine.dot; null = not set, an error with another optimizer): task /
+    # distillation momentum = momentum -/+ dot_delta (null -> the reference's 0.075), and the
+    # corrected first step of parameters that get only the distillation gradient.
+    dot_delta: float | None = None
+    dot_kd_only_init_wd: bool | None = None
 
 
 @dataclass
@@ -394,6 +399,52 @@ def _check_ranges(cfg: Config) -> None:
     need(s.warmup_epochs >= 0, "sched.warmup_epochs", "an integer >= 0", s.warmup_epochs)
     need(list(s.milestones) == sorted(s.milestones), "sched.milestones", "increasing epochs",
          s.milestones)
+    _check_dot(cfg)
+
+
+def _check_dot(cfg: Config) -> None:
+    """DOT's keys only with ``optim.name=dot``; fill its defaults; reject what it cannot do."""
+    o, t = cfg.optim, cfg.train
+    keys = ("dot_delta", "dot_kd_only_init_wd")
+    if o.name != "dot":
+        for k in keys:
+            if getattr(o, k) is not None:
+                raise ConfigError(f"optim.{k} is a setting of the DOT optimizer and has no effect "
+                                  f"with optim.name={o.name}: remove it or set optim.name=dot")
+        return
+    from topkd.engine.dot import REFERENCE_DELTA
+    from topkd.methods import method_class
+
+    if o.dot_delta is None:
+        o.dot_delta = REFERENCE_DELTA
+    if o.dot_kd_only_init_wd is None:
+        o.dot_kd_only_init_wd = False
+    if not 0 < o.momentum < 1:
+        raise ConfigError(f"invalid value for 'optim.momentum': {o.momentum!r}; DOT (optim.name="
+                          "dot) splits the momentum, so it needs a momentum in (0, 1)")
+    if not (0 <= o.dot_delta < o.momentum and o.momentum + o.dot_delta < 1):
+        raise ConfigError(f"invalid value for 'optim.dot_delta': {o.dot_delta!r}; expected "
+                          f"0 <= dot_delta < momentum ({o.momentum}) and momentum + dot_delta < 1 "
+                          "(task / distillation momentum = momentum -/+ dot_delta, both in (0, 1))")
+    if o.dot_kd_only_init_wd and o.weight_decay == 0:
+        raise ConfigError("optim.dot_kd_only_init_wd=true has no effect with "
+                          "optim.weight_decay=0 (it adds weight decay to a first step)")
+    if o.nesterov:
+        raise ConfigError("optim.nesterov=true: DOT has no Nesterov variant (neither has the "
+                          "reference optimizer); set optim.nesterov=false")
+    if t.grad_clip is not None:
+        raise ConfigError("train.grad_clip is not supported with optim.name=dot: DOT applies "
+                          "the task and distillation gradients through separate momentum "
+                          "buffers, and the reference clips neither; set train.grad_clip=null")
+    if t.amp == "fp16":
+        raise ConfigError("train.amp=fp16 is not supported with optim.name=dot (its two backward "
+                          "passes would need two loss-scaler steps): use train.amp=bf16 or none")
+    mcls = method_class(cfg.method)
+    if not mcls.needs_teacher:
+        raise ConfigError(f"optim.name=dot optimises the distillation gradient separately, but "
+                          f"method {mcls.name!r} has no distillation term: use "
+                          "optim.name=sgd to train a model alone, or a distillation method with "
+                          "'topkd distill'")
 
 
 def _to_plain(obj: Any) -> Any:

@@ -20,6 +20,11 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.o
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
+    if cfg.name == "dot":  # the config resolved dot_delta / dot_kd_only_init_wd
+        from topkd.engine.dot import DOT
+
+        return DOT(params, lr=cfg.lr, momentum=cfg.momentum, delta=cfg.dot_delta,
+                   weight_decay=cfg.weight_decay, kd_only_init_wd=cfg.dot_kd_only_init_wd)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
                                  weight_decay=cfg.weight_decay)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from topkd.methods import Batch, LossOutput, Method, ModelOutput
+from topkd.utils.dist import all_reduce_mean_
 
 __all__ = ["Distiller", "TrainStep", "build_train_step"]
 
@@ -102,6 +103,13 @@ class TrainStep:
             t_call = torch.compile(teacher) if compile else teacher
             self._teacher_run = _Runner(teacher, tuple(method.teacher_taps), t_call)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # An optimizer that needs the task and distillation parts of the loss (DOT) runs its own
+        # backward passes; under DDP it averages their gradients itself (forward in no_sync()).
+        self._own_step = getattr(optimizer, "backward_and_step", None)
+        self._grad_sync = all_reduce_mean_ if ddp else None
+        if self._own_step is not None and (self.scaler.is_enabled() or grad_clip is not None):
+            raise ValueError(f"{type(optimizer).__name__} runs its own backward passes: fp16 "
+                             "loss scaling and gradient clipping are not supported with it")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -134,7 +142,11 @@ class TrainStep:
             if self.channels_last:
                 xv = xv.contiguous(memory_format=torch.channels_last)
             vouts[name] = (xv, self.teacher_outputs(xv, None))
-        out, logits = self.train_module(x, y, teacher, epoch, index, vouts or None)
+        with self._ddp_sync():
+            out, logits = self.train_module(x, y, teacher, epoch, index, vouts or None)
+        if self._own_step is not None:
+            self._own_step(out, self._grad_sync)
+            return out, logits
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.total).backward()
         if self.grad_clip is not None:
@@ -143,6 +155,12 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return out, logits
+
+    def _ddp_sync(self) -> contextlib.AbstractContextManager:
+        """DDP's gradient all-reduce during backward, unless the optimizer does its own."""
+        if self._own_step is not None and self._grad_sync is not None:
+            return self.train_module.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}

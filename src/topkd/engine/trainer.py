@@ -83,6 +83,10 @@ class Trainer:
                 "distillation term: use 'topkd train' to train the model alone, or pick a "
                 "distillation method (method.name=kd, dkd, topkd, ...; 'topkd methods' lists "
                 "them)")
+        if mcls.extra_views:  # until the data pipeline can build multi-view batches
+            raise ConfigError(
+                f"method {mcls.name!r} needs extra view(s) {', '.join(mcls.extra_views)} of "
+                "every training image, which the data pipeline cannot provide yet")
         self.uses_cache = self.uses_teacher and t.teacher_cache is not None
         if self.uses_cache and (mcls.teacher_taps or mcls.extra_views):
             what = "teacher features" if mcls.teacher_taps else "the teacher on extra views"

@@ -73,15 +73,30 @@ def params_from_dict(d: Mapping[str, Any]) -> MethodParams:
     except ValueError as e:
         raise ParamError(f"method.name: {e}") from None
     names = cls.Params.field_names()
+    in_section = _section_fields(cls.Params)
     for key in d:
-        if key == "name" or key in names or key in cls.Params._rejected:
-            continue
+        if key == "name" or key in names or key in cls.Params._rejected or key in in_section:
+            continue  # (a section's parameter at the top level: from_dict names the section)
         owners = [m for m in METHODS.names() if key in METHODS.get(m).Params.field_names()]
         if owners and not difflib.get_close_matches(str(key), names, n=1):
             raise ParamError(f"method.{key} is not a parameter of method {cls.name!r} (it is one "
                              f"of {', '.join(owners)}); 'topkd methods {cls.name}' lists its "
                              f"parameters: {', '.join(names)}")
     return cls.Params.from_dict({k: v for k, v in d.items() if k != "name"})
+
+
+def _section_fields(params_cls: type[MethodParams]) -> set[str]:
+    """Parameter names of the sections (``tsm``, ``tdl``...) of a parameter class."""
+    import typing
+
+    from .params import Params, _strip_optional
+
+    out: set[str] = set()
+    for tp in typing.get_type_hints(params_cls).values():
+        tp = _strip_optional(tp)
+        if isinstance(tp, type) and issubclass(tp, Params):
+            out.update(tp.field_names())
+    return out
 
 
 def params_to_dict(params: MethodParams) -> dict[str, Any]:

@@ -87,6 +87,9 @@ def methods_table(markdown: bool = False, configs_dir: str | Path | None = None)
     if not markdown:
         lines.append("\n'topkd methods NAME' shows one method's parameters; set them in a config's "
                      "'method:' section or with method.<param>=value.")
+        lines.append("DOT (Zhao et al., ICCV 2023) is an optimizer, not a method: it combines with "
+                     "any distillation method via optim.name=dot (optim.dot_delta; configs "
+                     "methods/dot.yaml = KD + DOT; docs/methods.md).")
     return "\n".join(lines)
 
 

@@ -76,6 +76,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` over ranks in place (what DDP does to gradients during backward), one
+    all-reduce per dtype; no-op outside DDP. Every rank must pass the same shapes in the same
+    order."""
+    if not (dist.is_available() and dist.is_initialized()) or not tensors:
+        return
+    world = dist.get_world_size()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world)
+        for t, v in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(v.view_as(t))
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
