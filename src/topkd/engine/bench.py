@@ -69,7 +69,7 @@ def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 6
                       size=size)
     run = _runner(step, batch, num_classes, size)
     run(warmup)
-    dt, out = run(steps)
+    dt, _, out = run(steps)
     return {"teacher": teacher, "student": student, "loss": loss, "batch": batch,
             "steps": steps, "device": str(step.device), "amp": amp, "channels_last": channels_last,
             "compile": compile, "threads": torch.get_num_threads(),
@@ -78,8 +78,8 @@ def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 6
 
 
 def _runner(step: TrainStep, batch: int, num_classes: int, size: int):
-    """``run(n) -> (seconds, last LossOutput)``: ``n`` steps on one fixed synthetic batch (with
-    sample indices and extra views when the method asks for them)."""
+    """``run(n) -> (wall seconds, process CPU seconds, last LossOutput)``: ``n`` steps on one
+    fixed synthetic batch (with sample indices and extra views when the method asks for them)."""
     dev = step.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     x = torch.randn(batch, 3, size, size, device=dev)
@@ -91,29 +91,33 @@ def _runner(step: TrainStep, batch: int, num_classes: int, size: int):
     if m.extra_views:
         kw["views"] = {v: torch.randn_like(x) for v in m.extra_views}
 
-    def run(n: int) -> tuple[float, Any]:
+    def run(n: int) -> tuple[float, float, Any]:
         out = None
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             out, _ = step(x, y, epoch=1, **kw)
         sync()
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0, time.process_time() - c0, out
 
     return run
 
 
 def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str = "resnet8x4",
-                 batch: int = 64, steps: int = 3, warmup: int = 1, repeats: int = 3,
+                 batch: int = 64, steps: int = 2, warmup: int = 1, repeats: int = 3,
                  num_classes: int = 100, size: int = 32, device: str = "auto",
                  amp: str = "none", channels_last: bool = False, seed: int = 0
                  ) -> list[dict[str, Any]]:
-    """Median seconds per training step of each method, its ratio to ``methods[0]``, and the
-    number of trainable parameters of the method's own modules (``method_params``).
+    """The training-step cost of each method relative to ``methods[0]`` (e.g. KD).
 
     Every method gets its own student (same seed) and method modules; the teacher is shared.
     Each of ``repeats`` rounds times ``steps`` steps of every method in turn (after ``warmup``
-    steps each, once), so that slow phases of a shared machine affect all methods alike.
+    steps each, once). Per method: ``s_per_step`` the median wall seconds per step,
+    ``ratio`` the median over rounds of its time / the first method's time in the same round
+    (so that slow phases of a shared machine cancel), both for wall time and, on CPU, for the
+    process CPU time (``cpu_s_per_step``, ``cpu_ratio``: with one thread, insensitive to other
+    processes competing for the cores), and ``method_params`` the number of trainable
+    parameters of the method's own modules.
     """
     if not methods:
         raise ValueError("method_costs: give at least one method")
@@ -129,16 +133,31 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
         extra[name] = sum(p.numel() for p in st.method.parameters() if p.requires_grad)
         runs[name] = _runner(st, batch, num_classes, size)
         runs[name](warmup)
-    times: dict[str, list[float]] = {n: [] for n in methods}
+    wall: dict[str, list[float]] = {n: [] for n in methods}
+    cpu: dict[str, list[float]] = {n: [] for n in methods}
     for _ in range(repeats):
         for name in methods:
-            times[name].append(runs[name](steps)[0] / steps)
-    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
-    return [{"method": n, "s_per_step": med[n], "ratio": med[n] / med[methods[0]],
-             "runs_s_per_step": times[n], "method_params": extra[n], "teacher": teacher,
-             "student": student, "batch": batch, "device": str(dev),
-             "threads": torch.get_num_threads()}
-            for n in methods]
+            w, c, _ = runs[name](steps)
+            wall[name].append(w / steps)
+            cpu[name].append(c / steps)
+
+    def median(v: list[float]) -> float:
+        v = sorted(v)
+        return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+    ref = methods[0]
+    rows = []
+    for n in methods:
+        row = {"method": n, "s_per_step": median(wall[n]),
+               "ratio": median([a / b for a, b in zip(wall[n], wall[ref])]),
+               "runs_s_per_step": wall[n], "method_params": extra[n], "teacher": teacher,
+               "student": student, "batch": batch, "device": str(dev),
+               "threads": torch.get_num_threads()}
+        if dev.type == "cpu":
+            row |= {"cpu_s_per_step": median(cpu[n]),
+                    "cpu_ratio": median([a / b for a, b in zip(cpu[n], cpu[ref])])}
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,17 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=None,
                    help="comma-separated methods to compare (ratios to the first), e.g. "
                         "kd,fitnet,at")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of --methods timing")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of --methods timing (each "
+                   "times --steps steps of every method)")
     a = p.parse_args(argv)
     if a.methods:
         rows = method_costs(a.methods.split(","), a.teacher, a.student, a.batch, a.steps,
                             a.warmup, a.repeats, device=a.device, amp=a.amp,
                             channels_last=a.channels_last)
-        print(f"| method | s/step | x {rows[0]['method']} | method parameters |\n"
-              "| --- | --- | --- | --- |")
+        ref, cpu = rows[0]["method"], "cpu_ratio" in rows[0]
+        head = f"| method | wall s/step | wall x {ref} |"
+        head += f" CPU s/step | CPU x {ref} |" if cpu else ""
+        print(head + " method parameters |\n" + "| --- " * (head.count("|")) + "|")
         for r in rows:
-            print(f"| {r['method']} | {r['s_per_step']:.3f} | {r['ratio']:.2f} | "
-                  f"{r['method_params']:,} |")
+            line = f"| {r['method']} | {r['s_per_step']:.2f} | {r['ratio']:.2f} |"
+            if cpu:
+                line += f" {r['cpu_s_per_step']:.2f} | {r['cpu_ratio']:.2f} |"
+            print(f"{line} {r['method_params']:,} |")
         print(json.dumps(rows))
         return 0
     with contextlib.suppress(KeyboardInterrupt):
