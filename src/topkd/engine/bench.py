@@ -25,7 +25,14 @@ import torch
 
 from topkd.config import Config
 from topkd.engine.step import TrainStep, build_train_step
-from topkd.methods import MethodContext, create_method, method_class, params_from_dict
+from topkd.methods import (
+    Batch,
+    MethodContext,
+    ModelOutput,
+    create_method,
+    method_class,
+    params_from_dict,
+)
 from topkd.models import create_model
 from topkd.utils.dist import resolve_device
 
@@ -103,6 +110,61 @@ def _runner(step: TrainStep, batch: int, num_classes: int, size: int):
     return run
 
 
+def _detached(out: ModelOutput) -> ModelOutput:
+    """A copy whose logits and features are leaves (the method's graph alone)."""
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().requires_grad_(t.is_floating_point())
+
+    feats = {k: [leaf(f) for f in v] if isinstance(v, list) else leaf(v)
+             for k, v in out.feats.items()}
+    return ModelOutput(leaf(out.logits), feats)
+
+
+def loss_only(step: TrainStep, batch: int, num_classes: int, size: int, repeats: int = 5,
+              seed: int = 0) -> tuple[float, float]:
+    """The method's own cost on one batch of real model outputs: the fastest of ``repeats``
+    forward+backward calls of the loss (seconds; student outputs detached, so the networks'
+    backward is excluded) and the MiB of tensors it saves for backward (unique storages other
+    than its inputs: what a step keeps alive beyond the networks' own activations)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = step.device
+    x = torch.randn(batch, 3, size, size, generator=g).to(dev)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
+    with torch.no_grad():
+        s_out = step.distiller._run(x)
+    t_out = step.teacher_outputs(x, None)
+    index = torch.arange(batch, device=dev) if step.method.needs_index else None
+    b = Batch(_detached(s_out), t_out, y, 1.0, index)
+    inputs = {t.data_ptr() for t in [b.student.logits, *_tensors(b.student), *_tensors(t_out)]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in inputs and not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step.method(b)
+    del out
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        step.method(b).total.backward()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    step.optimizer.zero_grad(set_to_none=True)
+    return best, sum(seen.values()) / 2**20
+
+
+def _tensors(out: ModelOutput | None) -> list[torch.Tensor]:
+    if out is None:
+        return []
+    return [f for v in out.feats.values() for f in (v if isinstance(v, list) else [v])] + \
+        [out.logits]
+
+
 def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str = "resnet8x4",
                  batch: int = 64, steps: int = 2, warmup: int = 1, repeats: int = 3,
                  num_classes: int = 100, size: int = 32, device: str = "auto",
@@ -117,7 +179,8 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
     (so that slow phases of a shared machine cancel), both for wall time and, on CPU, for the
     process CPU time (``cpu_s_per_step``, ``cpu_ratio``: with one thread, insensitive to other
     processes competing for the cores), and ``method_params`` the number of trainable
-    parameters of the method's own modules.
+    parameters of the method's own modules; ``loss_ms`` and ``loss_saved_mib`` are the
+    method's loss alone (:func:`loss_only`).
     """
     if not methods:
         raise ValueError("method_costs: give at least one method")
@@ -125,7 +188,7 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
     mf = torch.channels_last if channels_last else torch.preserve_format
     torch.manual_seed(seed)
     t_model = create_model(teacher, num_classes).to(dev, memory_format=mf).eval()
-    runs, extra = {}, {}
+    runs, extra, loss_s, saved = {}, {}, {}, {}
     for name in methods:
         torch.manual_seed(seed)
         st = build_step(teacher, student, name, num_classes, str(dev), amp, channels_last,
@@ -133,6 +196,7 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
         extra[name] = sum(p.numel() for p in st.method.parameters() if p.requires_grad)
         runs[name] = _runner(st, batch, num_classes, size)
         runs[name](warmup)
+        loss_s[name], saved[name] = loss_only(st, batch, num_classes, size)
     wall: dict[str, list[float]] = {n: [] for n in methods}
     cpu: dict[str, list[float]] = {n: [] for n in methods}
     for _ in range(repeats):
@@ -150,7 +214,8 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
     for n in methods:
         row = {"method": n, "s_per_step": median(wall[n]),
                "ratio": median([a / b for a, b in zip(wall[n], wall[ref])]),
-               "runs_s_per_step": wall[n], "method_params": extra[n], "teacher": teacher,
+               "runs_s_per_step": wall[n], "method_params": extra[n],
+               "loss_ms": 1e3 * loss_s[n], "loss_saved_mib": saved[n], "teacher": teacher,
                "student": student, "batch": batch, "device": str(dev),
                "threads": torch.get_num_threads()}
         if dev.type == "cpu":
@@ -187,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         ref, cpu = rows[0]["method"], "cpu_ratio" in rows[0]
         head = f"| method | wall s/step | wall x {ref} |"
         head += f" CPU s/step | CPU x {ref} |" if cpu else ""
-        print(head + " method parameters |\n" + "| --- " * (head.count("|")) + "|")
+        head += " method parameters | loss fwd+bwd ms | loss saved MiB |"
+        print(head + "\n" + "| --- " * (head.count("|") - 1) + "|")
         for r in rows:
             line = f"| {r['method']} | {r['s_per_step']:.2f} | {r['ratio']:.2f} |"
             if cpu:
                 line += f" {r['cpu_s_per_step']:.2f} | {r['cpu_ratio']:.2f} |"
-            print(f"{line} {r['method_params']:,} |")
+            print(f"{line} {r['method_params']:,} | {r['loss_ms']:.1f} | "
+                  f"{r['loss_saved_mib']:.1f} |")
         print(json.dumps(rows))
         return 0
     with contextlib.suppress(KeyboardInterrupt):
