@@ -268,3 +268,60 @@ def test_train_subset_progress_callback_and_quiet(tmp_path, capsys):
     assert len(read_metrics(cfg.run_dir)) == 2 and (cfg.run_dir / "summary.json").is_file()
     with pytest.raises(ConfigError, match="data.train_subset"):
         tiny_config(tmp_path, data={"train_subset": 0})
+
+
+def test_engine_gives_methods_the_feature_taps_they_ask_for(tmp_path):
+    """A method declaring taps gets exactly the tapped features of student and teacher (the
+    teacher's without grad), and the student's features carry the gradient."""
+    from dataclasses import dataclass
+
+    from topkd.checkpoints import save_weights
+    from topkd.methods import METHODS, Method, MethodParams, param, register_method
+    from topkd.models import create_model
+    from topkd.models.features import FeatureTaps
+
+    seen = {}
+
+    @dataclass(frozen=True)
+    class _P(MethodParams):
+        w: float = param(1.0, "weight", check="pos")
+
+    @register_method("test_tapmse")
+    class _TapMSE(Method):
+        """Test method: MSE between the pooled features of student and teacher."""
+
+        Params = _P
+        paper = code = "test"
+        student_taps = ("pooled_feat", "feats")
+        teacher_taps = ("pooled_feat",)
+
+        def distill(self, batch, terms):
+            s, t = batch.student.feats["pooled_feat"], batch.teacher.feats["pooled_feat"]
+            seen.update(s=s.detach().clone(), t=t, s_grad=s.requires_grad,
+                        feats=len(batch.student.feats["feats"]),
+                        tkeys=set(batch.teacher.feats))
+            return self.params.w * (s - t).pow(2).mean()
+
+    try:
+        torch.manual_seed(0)
+        teacher = create_model("resnet8", 100)
+        ckpt = tmp_path / "t.pt"
+        save_weights(teacher, ckpt)
+        cfg = tiny_config(tmp_path, model={"name": "resnet8"}, method={"name": "test_tapmse"},
+                          teacher={"name": "resnet8", "checkpoint": str(ckpt)},
+                          train={"epochs": 1, "max_steps_per_epoch": 1})
+        tr = Trainer(cfg, "distill", quiet=True)
+        tr.train_loader.sampler.set_epoch(1)  # the first batch of epoch 1
+        x = next(iter(tr.train_loader))[0]
+        with FeatureTaps(tr.teacher, ("pooled_feat",)) as taps:
+            want_t = taps(x)[1]["pooled_feat"]
+        with FeatureTaps(tr.model, ("pooled_feat",)) as taps:
+            want_s = taps(x)[1]["pooled_feat"]
+        tr.fit()
+        assert seen["s_grad"] and not seen["t"].requires_grad
+        assert seen["feats"] == 4 and seen["tkeys"] == {"pooled_feat"}
+        torch.testing.assert_close(seen["t"], want_t)
+        torch.testing.assert_close(seen["s"], want_s)  # before the step: the same weights
+        assert float(read_metrics(cfg.run_dir)[0]["train_loss"]) > 0
+    finally:
+        METHODS._items.pop("test_tapmse", None)

@@ -22,23 +22,27 @@ __all__ = ["Distiller", "TrainStep", "build_train_step"]
 
 
 class _Runner:
-    """Calls a model and returns :class:`ModelOutput` with the requested feature taps."""
+    """Calls a model and returns :class:`ModelOutput` with the requested feature taps.
+
+    ``call`` is what runs the forward (the model, or its ``torch.compile`` wrapper); the taps'
+    hooks sit on the raw module inside it (:class:`topkd.models.features.FeatureTaps`), and only
+    for the kinds the method asked for.
+    """
 
     def __init__(self, model: nn.Module, kinds: tuple[str, ...],
                  call: Callable[[Tensor], Tensor] | None = None) -> None:
         self.kinds = kinds
+        self.call = call or model
         self.taps = None
         if kinds:
             from topkd.models.features import FeatureTaps
 
-            self.taps = FeatureTaps(model, kinds)
-        self.call = call or model
+            self.taps = FeatureTaps(self.call, kinds)  # type: ignore[arg-type]
 
     def __call__(self, x: Tensor) -> ModelOutput:
         if self.taps is None:
             return ModelOutput(self.call(x))
-        with self.taps.capture() as feats:
-            logits = self.call(x)
+        logits, feats = self.taps(x)
         return ModelOutput(logits, dict(feats))
 
 

@@ -5,7 +5,9 @@ MobileNetV1), Fashion-MNIST demo CNNs, and any timm model as ``timm:<name>``.
 >>> model = create_model("resnet8x4", num_classes=100)
 
 Every model returns logits from ``forward``, pooled penultimate features ``(B, feature_dim)``
-from ``forward_features`` and its last ``nn.Linear`` from ``get_classifier()``. Importing this
+from ``forward_features`` and its last ``nn.Linear`` from ``get_classifier()``; intermediate
+features for feature distillation come from :class:`FeatureTaps` (``feature_taps()`` on each
+model says where they are read). Importing this
 package imports torch only (torchvision and timm are imported when such a model is created).
 """
 
@@ -33,19 +35,31 @@ from topkd.models._factory import (
     model_info,
     register_model,
 )
+from topkd.models.features import (
+    TAP_KINDS,
+    FeatureTaps,
+    Tap,
+    TapPoint,
+    feature_shapes,
+)
 
 __all__ = [
     "FIELD_ALIASES",
     "MODELS",
+    "TAP_KINDS",
     "ClassifierModel",
+    "FeatureTaps",
     "GlobalAvgPool",
     "ModelInfo",
     "check_model_contract",
     "count_parameters",
     "adaptive_global_pool",
     "create_model",
+    "feature_shapes",
     "global_pool",
     "list_models",
     "model_info",
     "register_model",
+    "Tap",
+    "TapPoint",
 ]

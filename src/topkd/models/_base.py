@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from topkd.models.features import TapSpec, classifier_input_tap
+
 
 class ClassifierModel(nn.Module):
     """Base class: subclasses implement :meth:`forward_features` and :meth:`get_classifier`.
@@ -30,6 +32,12 @@ class ClassifierModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.get_classifier()(self.forward_features(x))
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """Where :class:`topkd.models.FeatureTaps` reads each feature kind (see
+        :mod:`topkd.models.features`). By default only ``pooled_feat``: the classifier's input.
+        """
+        return {"pooled_feat": classifier_input_tap(self)}
 
 
 def global_pool(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, global_pool, init_weights_
 from topkd.models._factory import register_model
+from topkd.models.features import TapPoint, TapSpec
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -36,12 +37,13 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.preact = TapPoint()  # the sum before the final ReLU (mdistiller's ``preact``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        return F.relu(self.preact(out + shortcut))
 
 
 class CifarResNet(ClassifierModel):
@@ -95,6 +97,16 @@ class CifarResNet(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``resnet.py``: feats = stem (after ReLU) and the three stage outputs;
+        preact_feats = the stem, then each stage's last block before its final ReLU."""
+        last = [f"layer{i}.{len(getattr(self, f'layer{i}')) - 1}" for i in (1, 2, 3)]
+        return {
+            **super().feature_taps(),
+            "feats": ["relu", "layer1", "layer2", "layer3"],
+            "preact_feats": ["relu", *(f"{b}.preact" for b in last)],
+        }
 
 
 _BASE = (16, 16, 32, 64)

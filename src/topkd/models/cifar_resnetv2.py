@@ -16,6 +16,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, adaptive_global_pool, init_weights_
 from topkd.models._factory import register_model
+from topkd.models.features import Tap, TapPoint, TapSpec
 
 
 def _shortcut(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -36,11 +37,12 @@ class BasicBlockV2(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+        self.preact = TapPoint()  # the sum before the final ReLU (mdistiller's ``preact``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class BottleneckV2(nn.Module):
@@ -58,12 +60,13 @@ class BottleneckV2(nn.Module):
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
         self.shortcut = _shortcut(in_planes, out, stride)
+        self.preact = TapPoint()  # the sum before the final ReLU (mdistiller's ``preact``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.preact(out + self.shortcut(x)))
 
 
 class CifarResNetV2(ClassifierModel):
@@ -111,6 +114,18 @@ class CifarResNetV2(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.linear
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``resnetv2.py``: feats = stem (after ReLU; read as ``layer1``'s input)
+        and the four stage outputs; preact_feats = the stem, then each stage's last block before
+        its final ReLU."""
+        stem = Tap("layer1", input=True)
+        last = [f"layer{i}.{len(getattr(self, f'layer{i}')) - 1}" for i in (1, 2, 3, 4)]
+        return {
+            **super().feature_taps(),
+            "feats": [stem, "layer1", "layer2", "layer3", "layer4"],
+            "preact_feats": [stem, *(f"{b}.preact" for b in last)],
+        }
 
 
 @register_model("resnet18_cifar", family="cifar", input_size=(3, 32, 32))

@@ -14,6 +14,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, global_pool, init_weights_
 from topkd.models._factory import register_model
+from topkd.models.features import Tap, TapSpec
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -43,10 +44,12 @@ class SmallCNN(ClassifierModel):
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
+        self._stage_ends: list[int] = []  # index in ``features`` of each stage's last block
         for i, widths in enumerate(stages):
             for w in widths:
                 layers.append(conv_bn_relu(cin, w))
                 cin = w
+            self._stage_ends.append(len(layers) - 1)
             if i < len(stages) - 1:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
@@ -63,6 +66,16 @@ class SmallCNN(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """feats = each stage's output (after its last ReLU, before the max-pool); preact_feats =
+        the same blocks' BatchNorm output before that ReLU; pooled_feat = the pooled features
+        before dropout (= ``forward_features``)."""
+        return {
+            "feats": [f"features.{i}" for i in self._stage_ends],
+            "preact_feats": [Tap(f"features.{i}.1", clone=True) for i in self._stage_ends],
+            "pooled_feat": Tap("drop", input=True),
+        }
 
 
 TEACHER_STAGES = ((32,), (64, 64), (128, 256))

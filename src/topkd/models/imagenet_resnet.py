@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from topkd.models._factory import register_model
+from topkd.models.features import Tap, TapSpec, classifier_input_tap
 
 
 @lru_cache(maxsize=1)
 def _resnet_class() -> type[nn.Module]:
-    from torchvision.models.resnet import ResNet
+    from torchvision.models.resnet import Bottleneck, ResNet
 
     class TorchvisionResNet(ResNet):
         """torchvision ``ResNet`` + ``forward_features``, ``feature_dim``, ``get_classifier``."""
@@ -38,6 +39,30 @@ def _resnet_class() -> type[nn.Module]:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.forward_features(x))
+
+        #: mdistiller's preact_feats[0] aliases the stem tensor that its in-place ReLU then
+        #: overwrites, so it *is* post-ReLU (= feats[0]); True reproduces that, False gives the
+        #: BatchNorm output before the ReLU.
+        stem_preact_after_relu: bool = True
+
+        def feature_taps(self) -> dict[str, TapSpec]:
+            """As mdistiller's ImageNet ``resnet.py`` (the same network with each block's ReLU
+            moved to the next block's start): feats = the stem after ReLU (before max-pool) and
+            the four stage outputs; preact_feats = the same before ReLU: the stem (but see
+            :attr:`stem_preact_after_relu`), then the input of each stage's last block's final
+            ``relu`` call (copied, as torchvision applies those ReLUs in place)."""
+            stem = "relu" if self.stem_preact_after_relu else Tap("bn1", clone=True)
+            preact: list[Tap | str] = [stem]
+            for i in (1, 2, 3, 4):
+                layer = getattr(self, f"layer{i}")
+                last_relu_call = 2 if isinstance(layer[-1], Bottleneck) else 1
+                preact.append(Tap(f"layer{i}.{len(layer) - 1}.relu", input=True, clone=True,
+                                  call=last_relu_call))
+            return {
+                "feats": ["relu", "layer1", "layer2", "layer3", "layer4"],
+                "preact_feats": preact,
+                "pooled_feat": classifier_input_tap(self),
+            }
 
     TorchvisionResNet.__module__ = __name__
     return TorchvisionResNet

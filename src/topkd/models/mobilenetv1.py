@@ -12,6 +12,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, GlobalAvgPool
 from topkd.models._factory import register_model
+from topkd.models.features import Tap, TapSpec
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -66,6 +67,17 @@ class MobileNetV1(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ImageNet ``mobilenetv1.py``: feats = the outputs of blocks 3, 5, 11 and
+        13 (strides 4, 8, 16, 32; no stem); preact_feats = the same blocks before their last
+        ReLU (their last BatchNorm, copied before the in-place ReLU)."""
+        stages = (3, 5, 11, 13)
+        return {
+            **super().feature_taps(),
+            "feats": [f"model.{i}" for i in stages],
+            "preact_feats": [Tap(f"model.{i}.4", clone=True) for i in stages],
+        }
 
 
 @register_model("mobilenetv1", family="imagenet", input_size=(3, 224, 224))

@@ -11,6 +11,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, global_pool, init_weights_
 from topkd.models._factory import register_model
+from topkd.models.features import TapSpec
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
@@ -96,6 +97,13 @@ class MobileNetV2(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.classifier[0]  # type: ignore[return-value]
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``mobilenetv2.py``: feats = the stem ``conv1`` and the outputs of block
+        groups 1, 2, 4 and 6 (linear bottlenecks: no ReLU follows them). mdistiller declares no
+        preact_feats for this model, and neither do we."""
+        feats = ["conv1", *(f"blocks.{i}" for i in (1, 2, 4, 6))]
+        return {**super().feature_taps(), "feats": feats}
 
 
 @register_model("mobilenetv2", family="cifar", input_size=(3, 32, 32), aliases=("mobile_half",))

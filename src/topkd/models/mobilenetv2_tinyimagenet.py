@@ -13,6 +13,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, adaptive_global_pool
 from topkd.models._factory import register_model
+from topkd.models.features import TapSpec
 
 
 class LinearBottleNeck(nn.Module):
@@ -74,6 +75,12 @@ class MobileNetV2TinyImageNet(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.conv2
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``mv2_tinyimagenet.py``: feats = ``pre``, stages 2-4 and ``conv1``; no
+        preact_feats. pooled_feat is ``(B, 1280)``; mdistiller's is the same values as
+        ``(B, 1280, 1, 1)`` (it classifies with a 1x1 convolution)."""
+        return {**super().feature_taps(), "feats": ["pre", "stage2", "stage3", "stage4", "conv1"]}
 
 
 @register_model("mobilenetv2_tinyimagenet", family="tiny_imagenet", input_size=(3, 64, 64))

@@ -16,6 +16,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, global_pool
 from topkd.models._factory import register_model
+from topkd.models.features import Tap, TapPoint, TapSpec
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -56,6 +57,7 @@ class ShuffleV1Bottleneck(nn.Module):
         self.shortcut = nn.Sequential()
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
+        self.preact = TapPoint()  # the merge before the final ReLU (mdistiller's ``preact``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -64,7 +66,7 @@ class ShuffleV1Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
         out = torch.cat([out, res], 1) if self.stride == 2 else out + res
-        return F.relu(out)
+        return F.relu(self.preact(out))
 
 
 class ShuffleNetV1(ClassifierModel):
@@ -107,6 +109,22 @@ class ShuffleNetV1(ClassifierModel):
     def get_classifier(self) -> nn.Linear:
         return self.linear
 
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``ShuffleNetv1.py``: feats = the stem (after ReLU; read as
+        ``layer1``'s input) and the three stage outputs; preact_feats = the stem, then each
+        stage's last block before its final ReLU."""
+        return _shufflenet_taps(self)
+
+
+def _shufflenet_taps(model: ShuffleNetV1 | ShuffleNetV2) -> dict[str, TapSpec]:
+    stem = Tap("layer1", input=True)
+    last = [f"layer{i}.{len(getattr(model, f'layer{i}')) - 1}" for i in (1, 2, 3)]
+    return {
+        "pooled_feat": ClassifierModel.feature_taps(model)["pooled_feat"],
+        "feats": [stem, "layer1", "layer2", "layer3"],
+        "preact_feats": [stem, *(f"{b}.preact" for b in last)],
+    }
+
 
 # ----------------------------------------------------------------------------- ShuffleNetV2
 
@@ -125,14 +143,17 @@ class ShuffleV2Block(nn.Module):
         self.conv3 = nn.Conv2d(c, c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
         self.shuffle = ShuffleBlock(2)
+        self.preact = TapPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = int(x.size(1) * self.split_ratio)
         x1, x2 = x[:, :c], x[:, c:]
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return self.shuffle(torch.cat([x1, out], 1))
+        out = self.bn3(self.conv3(out))
+        if self.preact.active:  # mdistiller's preact: the *unshuffled* concat before the ReLU
+            self.preact(torch.cat([x1, out], 1))
+        return self.shuffle(torch.cat([x1, F.relu(out)], 1))
 
 
 class ShuffleV2DownBlock(nn.Module):
@@ -198,6 +219,13 @@ class ShuffleNetV2(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.linear
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``ShuffleNetv2.py``: feats = the stem (after ReLU; read as
+        ``layer1``'s input) and the three stage outputs (before ``conv2``); preact_feats = the
+        stem, then each stage's last block as ``cat([x1, bn3 output])`` before its ReLU and
+        *before* the channel shuffle (a reference quirk: its channel order differs from feats)."""
+        return _shufflenet_taps(self)
 
 
 @register_model("shufflev1", family="cifar", input_size=(3, 32, 32), aliases=("shufflenetv1",))

@@ -1,8 +1,8 @@
 """CIFAR VGG with BatchNorm (vgg8/11/13/16/19 = the field's ``vgg*_bn``).
 
 Five conv blocks (``block0`` ... ``block4``; each a Sequential of conv-BN-ReLU whose last ReLU
-is applied in ``forward``), max-pools between the first four, global average pool, and a
-single ``classifier`` Linear(512, C), as in RepDistiller/mdistiller.
+is applied after it, as ``relu0`` ... ``relu4``), max-pools between the first four, global
+average pool, and a single ``classifier`` Linear(512, C), as in RepDistiller/mdistiller.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from topkd.models._base import ClassifierModel, adaptive_global_pool, init_weights_
 from topkd.models._factory import register_model
+from topkd.models.features import TapSpec
 
 CFGS: dict[str, list[list[int]]] = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -66,23 +66,34 @@ class VGG(ClassifierModel):
         self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
+        # the blocks' last ReLUs, as modules so that their outputs can be tapped (no parameters)
+        self.relu0, self.relu1, self.relu2, self.relu3, self.relu4 = (nn.ReLU() for _ in range(5))
         self.feature_dim = cfg[4][-1]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
         init_weights_(self, linear_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]
-        x = self.pool0(F.relu(self.block0(x)))
-        x = self.pool1(F.relu(self.block1(x)))
-        x = self.pool2(F.relu(self.block2(x)))
-        x = F.relu(self.block3(x))
+        x = self.pool0(self.relu0(self.block0(x)))
+        x = self.pool1(self.relu1(self.block1(x)))
+        x = self.pool2(self.relu2(self.block2(x)))
+        x = self.relu3(self.block3(x))
         if h >= 64:
             x = self.pool3(x)
-        x = F.relu(self.block4(x))
+        x = self.relu4(self.block4(x))
         return adaptive_global_pool(x)
 
     def get_classifier(self) -> nn.Linear:
         return self.classifier
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``vgg.py``: feats = the five blocks after their ReLU; preact_feats =
+        block 0 after its ReLU, then blocks 1-4 before it (their last BatchNorm's output)."""
+        return {
+            **super().feature_taps(),
+            "feats": [f"relu{i}" for i in range(5)],
+            "preact_feats": ["relu0", *(f"block{i}" for i in range(1, 5))],
+        }
 
 
 def _register(name: str) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from topkd.models._base import ClassifierModel, global_pool, init_weights_
 from topkd.models._factory import register_model
+from topkd.models.features import Tap, TapSpec
 
 
 class WideBasicBlock(nn.Module):
@@ -102,6 +103,25 @@ class WideResNet(ClassifierModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+    def feature_taps(self) -> dict[str, TapSpec]:
+        """As mdistiller's ``wrn.py``: feats = ``conv1`` and the three stage outputs; preact_feats =
+        ``conv1``, then each stage output through the *next* BatchNorm (the first ``bn1`` of the
+        next stage, the final ``bn1`` for the last stage), read before its in-place ReLU.
+
+        mdistiller applies those three BatchNorms a second time to build preact_feats, so in
+        train mode their running statistics are updated twice per step there; here once.
+        """
+        return {
+            **super().feature_taps(),
+            "feats": ["conv1", "block1", "block2", "block3"],
+            "preact_feats": [
+                "conv1",
+                Tap("block2.layer.0.bn1", clone=True),
+                Tap("block3.layer.0.bn1", clone=True),
+                Tap("bn1", clone=True),
+            ],
+        }
 
 
 def _register(depth: int, k: int) -> None:
