@@ -80,10 +80,3 @@ def test_shape_inference_input_size_is_the_references(method):
     ref = R.mdistiller(f"configs/cifar100/{method}.yaml")
     info = dataset_info("cifar100")
     assert [info.image_size, info.image_size] == list(ref[method.upper()]["INPUT_SIZE"])
-
-
-def test_only_kdsvd_declares_unsupported_pairs():
-    for method in ("fitnet", "at", "rkd", "pkt", "sp", "nst", "vid"):
-        assert not _unsupported(method), method
-    assert set(_unsupported("kdsvd")) == {"res32x4_shuv1", "res32x4_shuv2", "wrn40_2_shuv1",
-                                          "vgg13_mv2", "res50_mv2"}
