@@ -310,3 +310,20 @@ def test_method_costs_compares_feature_methods():
     assert all(r["s_per_step"] > 0 and math.isfinite(r["ratio"]) for r in rows)
     assert rows[0]["method_params"] == 0 and rows[1]["method_params"] > 0
     assert all(r["loss_ms"] > 0 and r["loss_saved_mib"] > 0 for r in rows)
+
+
+def test_kdsvd_channel_svd_runs_on_the_pairs_with_equal_channels():
+    """docs/methods.md: the corrected layout runs on the five pairs whose paired stages have the
+    same channel counts."""
+    runs = set()
+    for pair in GEN.CIFAR_PAIRS:
+        s, t = _shapes(pair.student), _shapes(pair.teacher)
+        batch = feature_batch(s, t, b=2, num_classes=100, dtype=torch.float32)
+        try:
+            create_method({"name": "kdsvd", "channel_svd": True})(batch)
+        except ValueError as e:
+            assert "channels" in str(e), e
+        else:
+            runs.add(pair.key)
+    assert runs == {"res56_res20", "res110_res32", "res32x4_res8x4", "wrn40_2_wrn16_2",
+                    "vgg13_vgg8"}

@@ -118,6 +118,30 @@ def test_kdsvd_float32_like_the_reference(monkeypatch):
     torch.testing.assert_close(half, ref, rtol=1e-4, atol=1e-6)
 
 
+# Equal channel counts (4, 8, 16) and widths, as the channel layout needs.
+S_CH = {"feats": [(4, 8, 8), (4, 8, 8), (8, 6, 8), (16, 4, 4)], "pooled_feat": (16,)}
+T_CH = {"feats": [(4, 8, 8), (4, 8, 8), (8, 8, 8), (16, 2, 4)], "pooled_feat": (32,)}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_kdsvd_channel_svd_equals_the_authors_layout(k):
+    """``channel_svd``: SVD of ``(H*W, C)`` matrices, as the authors' TensorFlow code
+    (sseung0703/SSKD_SVD: ``tf.reshape(x, [B, H*W, D])`` of an NHWC map). mdistiller's own code
+    computes exactly that when given NHWC tensors: its ``view(B, size[1]*size[2], size[3])``
+    is then the TensorFlow reshape."""
+    b = feature_batch(S_CH, T_CH, grad=True, seed=3)
+    g_s, g_t = b.student.feats["feats"][1:], b.teacher.feats["feats"][1:]
+    nhwc = [f.permute(0, 2, 3, 1) for f in g_s], [f.permute(0, 2, 3, 1) for f in g_t]
+    ours = kdsvd_loss(g_s, g_t, k, channel_svd=True)
+    assert_same_loss_and_grads(ours, ref_kdsvd_loss([f.contiguous() for f in nhwc[0]],
+                                                    [f.contiguous() for f in nhwc[1]], k),
+                               leaves(b)[1:])
+    assert not torch.allclose(ours, kdsvd_loss(g_s, g_t, k))  # another loss than mdistiller's
+    with pytest.raises(ValueError, match="stage 0 has channels 4 in the student and 8 in the "
+                                         "teacher.*over channels"):
+        kdsvd_loss(g_s, [torch.cat([g_t[0]] * 2, 1), *g_t[1:]], k, channel_svd=True)
+
+
 def test_kdsvd_method_total_equals_mdistiller_forward_train():
     b = feature_batch(S, T, grad=True, seed=3)
     m = create_method({"name": "kdsvd"}, context(S, T))

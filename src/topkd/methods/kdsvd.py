@@ -21,12 +21,15 @@ def _finite(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
 
 
-def _right_singular(feat: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def _right_singular(feat: Tensor, n: int, channel_svd: bool = False) -> tuple[Tensor, Tensor]:
     """The first ``n`` singular values ``(B, n)`` and right singular vectors ``(B, W, n)`` of
-    ``feat`` viewed as ``(B, C*H, W)``, each L2-normalised (mdistiller's ``svd``; its left
-    singular vectors are computed there and never used)."""
+    ``feat`` viewed as ``(B, C*H, W)`` (``channel_svd``: ``(B, H*W, C)``, vectors ``(B, C, n)``),
+    each L2-normalised (mdistiller's ``svd``; its left singular vectors are computed there and
+    never used)."""
     b, c, h, w = feat.shape
-    _, s, vh = torch.linalg.svd(as_float(feat).reshape(b, c * h, w), full_matrices=False)
+    x = feat.permute(0, 2, 3, 1).reshape(b, h * w, c) if channel_svd else \
+        feat.reshape(b, c * h, w)
+    _, s, vh = torch.linalg.svd(as_float(x), full_matrices=False)
     s, v = _finite(s), _finite(vh.mH)
     return TF.normalize(s[:, :n], dim=1), TF.normalize(v[:, :, :n], dim=1)
 
@@ -39,7 +42,8 @@ def _align(v_s: Tensor, v_t: Tensor) -> Tensor:
     return v_s @ torch.where(cos.abs() == best, cos.sign(), 0.0)
 
 
-def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1) -> Tensor:
+def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1,
+               channel_svd: bool = False) -> Tensor:
     r"""KDSVD: RBF correlations of singular vectors between consecutive stages.
 
     For every stage ``i`` (student and teacher paired in order) the map ``(B, C, H, W)`` is
@@ -60,14 +64,18 @@ def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1) -> Tens
         g_t: teacher stages, each ``(B, C_t, H_t, W)``: the same width ``W`` as the student's
             stage (the singular vectors live in that dimension); no gradient flows into them.
         k: number of teacher singular vectors.
+        channel_svd: the corrected layout: each stage viewed as ``(B, H*W, C)``, as the
+            authors' TensorFlow code (singular vectors over channels, so every paired stage
+            needs the same channel count instead of the same width).
 
     Returns:
         A scalar, as mdistiller ``mdistiller/distillers/KDSVD.py`` (``kdsvd_loss``), with its
         quirks: the SVD of ``(C*H, W)`` matrices (the NCHW transcription of the authors' NHWC
-        ``(H*W, C)`` reshape); with ``k = 1`` the normalised singular value is 1, so
-        :math:`\sigma_t` has no effect; the SVD runs in at least float32 (mdistiller casts to
-        float32; float64 inputs stay float64 here). The loss depends on the SVD's sign
-        convention for the teacher's vectors (LAPACK's, as the reference's ``torch.svd``).
+        ``(H*W, C)`` reshape; ``channel_svd`` corrects it); with ``k = 1`` the normalised
+        singular value is 1, so :math:`\sigma_t` has no effect; the SVD runs in at least
+        float32 (mdistiller casts to float32; float64 inputs stay float64 here). The loss
+        depends on the SVD's sign convention for the teacher's vectors (LAPACK's, as the
+        reference's ``torch.svd``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"kdsvd_loss: k must be an int >= 1, got {k!r}")
@@ -75,18 +83,20 @@ def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1) -> Tens
     if len(pairs) < 2:
         raise ValueError(f"kdsvd_loss: needs at least 2 stages (it correlates consecutive "
                          f"stages), got {len(pairs)}")
+    dim, what = (1, "channels") if channel_svd else (3, "width")
     for i, (f_s, f_t) in enumerate(pairs):
-        if f_s.shape[3] != f_t.shape[3]:
+        if f_s.shape[dim] != f_t.shape[dim]:
+            how = "over channels (channel_svd)" if channel_svd else "over the width (as mdistiller)"
             raise ValueError(
-                f"kdsvd_loss: stage {i} has width {f_s.shape[3]} in the student and "
-                f"{f_t.shape[3]} in the teacher; KDSVD compares singular vectors over the width "
-                "(as mdistiller), so every paired stage needs the same width")
+                f"kdsvd_loss: stage {i} has {what} {f_s.shape[dim]} in the student and "
+                f"{f_t.shape[dim]} in the teacher; KDSVD compares singular vectors {how}, so "
+                f"every paired stage needs the same {what}")
     loss = None
     prev: tuple[Tensor, Tensor] | None = None
     for f_s, f_t in pairs:
         with torch.no_grad():
-            s_t, v_t = _right_singular(f_t.detach(), k)
-        _, v_s = _right_singular(f_s, k + 3)
+            s_t, v_t = _right_singular(f_t.detach(), k, channel_svd)
+        _, v_s = _right_singular(f_s, k + 3, channel_svd)
         v_s = _align(v_s, v_t)
         s_t = s_t.unsqueeze(1)
         v_t, v_s = v_t * s_t, v_s * s_t
@@ -106,6 +116,9 @@ class KDSVDParams(MethodParams):
     feat_weight: float = param(1.0, "weight of the KDSVD loss", check="pos")
     k: int = param(1, "number of teacher singular vectors (the student uses k + 3)",
                    check="int1")
+    channel_svd: bool = param(False, "corrected layout: SVD of each stage as a (H*W, C) matrix "
+                                     "as the authors' code (mdistiller: (C*H, W)); needs equal "
+                                     "channel counts per stage")
 
 
 @register_method("kdsvd")
@@ -113,8 +126,8 @@ class KDSVD(Method):
     r"""KD with SVD: ``ce * CE + feat_weight * KDSVD(feats[1:])``.
 
     See :func:`kdsvd_loss` (and its quirks, reproduced). Needs the same width in each paired
-    stage of student and teacher. CIFAR-100 reference (mdistiller ``cfg.py`` KDSVD): ce 1,
-    feat_weight 1, k 1.
+    stage of student and teacher (``channel_svd``: the same channel count). CIFAR-100 reference
+    (mdistiller ``cfg.py`` KDSVD): ce 1, feat_weight 1, k 1; ``channel_svd`` off.
     """
 
     Params = KDSVDParams
@@ -130,6 +143,6 @@ class KDSVD(Method):
         if io is None:
             return zero_loss(batch)
         s, t = io
-        loss = kdsvd_loss(s["feats"][1:], t["feats"][1:], p.k)
+        loss = kdsvd_loss(s["feats"][1:], t["feats"][1:], p.k, p.channel_svd)
         terms["kdsvd"] = loss
         return p.feat_weight * loss
