@@ -1,6 +1,12 @@
 """Data-loading throughput of topkd.data vs a small CNN's training throughput (CPU).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_speed.py [--images 5120] [--repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_speed.py --policies   # augmentation cost
+
+``--policies`` instead times each augmentation policy of ``topkd.data.augment`` (timm's
+RandAugment/AutoAugment/AugMix, random erasing, MLKD's strong view; batch 128) relative to the
+plain crop/flip pipeline in the same run: main-process CPU time per sample (``num_workers=0``)
+and wall-clock samples/s with 2 workers; and Mixup/CutMix + label smoothing on a batch.
 
 Measures images/s of a ``DataLoader`` (shuffle, train transforms) over (a) the real
 Fashion-MNIST (if installed) and (b) synthetic CIFAR-100-format pickles written to a temp dir,
@@ -61,8 +67,8 @@ def _loader_speed(ds: Dataset, batch: int, workers: int, n_images: int) -> float
     it = iter(dl)
     next(it)  # worker start-up and first batch are not timed
     seen, t0 = 0, time.perf_counter()
-    for x, _ in it:
-        seen += len(x)
+    for _, y in it:  # images may be a dict of views: count samples
+        seen += len(y)
         if seen >= n_images:
             break
     return seen / (time.perf_counter() - t0)
@@ -88,13 +94,114 @@ def cnn_speed(in_ch: int, size: int, batch: int, threads: int, steps: int = 10) 
     return speed
 
 
+#: Policies timed by ``--policies`` (data config keys; DeiT = configs/base/cifar100_vit.yaml).
+POLICIES = {
+    "crop + flip (baseline)": {},
+    "RandAugment rand-m9-mstd0.5-inc1, bicubic": {"auto_augment": "rand-m9-mstd0.5-inc1",
+                                                  "aa_interpolation": "bicubic"},
+    "AutoAugment original": {"auto_augment": "original"},
+    "AugMix augmix-m5-w4-d2": {"auto_augment": "augmix-m5-w4-d2"},
+    "random erasing re_prob 0.25 (pixel)": {"re_prob": 0.25},
+    "DeiT per-image (RandAugment + erasing 0.25)": {"auto_augment": "rand-m9-mstd0.5-inc1",
+                                                    "aa_interpolation": "bicubic",
+                                                    "re_prob": 0.25},
+    "+ MLKD strong view (views.strong: mlkd)": {"views": {"strong": {"auto_augment": "mlkd"}}},
+}
+
+
+def _cpu_ms_per_sample(ds: Dataset, batch: int, n_images: int) -> float:
+    """Main-process CPU time per sample of a ``num_workers=0`` loader (robust to a shared box:
+    time spent waiting for a core is not counted)."""
+    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
+    it = iter(dl)
+    next(it)
+    seen, t0 = 0, time.process_time()
+    for _, y in it:
+        seen += len(y)
+        if seen >= n_images:
+            break
+    return 1000 * (time.process_time() - t0) / seen
+
+
+def policy_rows(sets: dict, batch: int, images: int, repeats: int) -> list[tuple]:
+    """Per dataset and policy: CPU ms/sample (workers 0) and samples/s (2 workers, wall), each
+    the best of ``repeats`` rounds that visit every policy in turn (so load drift hits all)."""
+    from topkd.config import DataConfig, ViewConfig
+    from topkd.data.augment import apply_policies
+
+    rows = []
+    for name, ds in sets.items():
+        augs = {}
+        for pname, keys in POLICIES.items():
+            views = {k: ViewConfig(**v) for k, v in keys.get("views", {}).items()}
+            d = DataConfig(**{**{k: v for k, v in keys.items() if k != "views"}, "views": views})
+            augs[pname] = apply_policies(ds, d)
+        cpu = dict.fromkeys(augs, float("inf"))
+        wall = dict.fromkeys(augs, 0.0)
+        for _ in range(repeats):
+            for pname, aug in augs.items():
+                cpu[pname] = min(cpu[pname], _cpu_ms_per_sample(aug, batch, images))
+                wall[pname] = max(wall[pname], _loader_speed(aug, batch, 2, images))
+        base = next(iter(augs))
+        for pname in augs:
+            rows.append((name, pname, cpu[pname], cpu[pname] / cpu[base], wall[pname],
+                         wall[pname] / wall[base]))
+    return rows
+
+
+def mix_speed(batch: int, size: int, repeats: int, steps: int = 50) -> dict[str, float]:
+    """Images/s of Mixup/CutMix (+ label smoothing) on a float batch, one thread."""
+    from topkd.data.augment import BatchMix
+
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 100, (batch,))
+    out = {}
+    for label, kw in (("label smoothing 0.1 alone", {}),
+                      ("Mixup 0.8 / CutMix 1.0 + smoothing 0.1 (DeiT)",
+                       {"mixup_alpha": 0.8, "cutmix_alpha": 1.0})):
+        mix = BatchMix(100, label_smoothing=0.1, **kw)
+        best = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                mix(x.clone(), y)
+            best = max(best, steps * batch / (time.perf_counter() - t0))
+        out[label] = best
+    return out
+
+
+def main_policies(args: argparse.Namespace) -> None:
+    batch = 128
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cifar(Path(tmp), "cifar100", n_per_file=20000)
+        sets = {"CIFAR-format (synthetic)": get_dataset("cifar100", tmp, "train")}
+        try:
+            sets["Fashion-MNIST (real)"] = get_dataset("fashion_mnist", None, "train")
+        except FileNotFoundError:
+            print("Fashion-MNIST not installed: skipped", file=sys.stderr)
+        rows = policy_rows(sets, batch, args.images, args.repeats)
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n")
+    print(f"| data | per-image policy (batch {batch}) | CPU ms / sample | x baseline | "
+          "samples/s, 2 workers | x baseline |\n|---|---|---|---|---|---|")
+    for name, pol, cpu, cpu_r, wall, wall_r in rows:
+        print(f"| {name} | {pol} | {cpu:.3f} | {cpu_r:.1f} | {wall:,.0f} | {wall_r:.2f} |")
+    print(f"\n| per-batch (3x32x32, batch {batch}, 1 thread) | images/s |\n|---|---|")
+    for label, speed in mix_speed(batch, 32, args.repeats).items():
+        print(f"| {label} | {speed:,.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=5120, help="images timed per run")
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration (best kept)")
     ap.add_argument("--quick", action="store_true", help="batch 256 / workers 0,2 only")
+    ap.add_argument("--policies", action="store_true",
+                    help="time the augmentation policies instead (topkd.data.augment)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.policies:
+        main_policies(args)
+        return
     workers = (0, 2) if args.quick else (0, 1, 2)
     batches = (256,) if args.quick else (64, 256)
     rows = []

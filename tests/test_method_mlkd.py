@@ -323,16 +323,23 @@ def test_train_step_runs_student_and_teacher_on_the_strong_view():
         torch.testing.assert_close(p.detach(), p0 - 0.1 * gr, atol=1e-5, rtol=1e-5)
 
 
-def test_trainer_refuses_mlkd_until_the_data_pipeline_builds_strong_views(tmp_path):
+def test_trainer_builds_the_strong_view_from_the_config(tmp_path):
+    """configs/methods/mlkd.yaml defines data.views.strong (the reference's strong augmentation);
+    without it the trainer says what to add."""
     from test_engine_common import make_cifar100
     from topkd.config import ConfigError, load_config
     from topkd.engine import Trainer
 
     make_cifar100(tmp_path / "data", n_train=8, n_test=4)
-    cfg = load_config(CONFIGS / "cifar100" / "res56_res20" / "mlkd.yaml", [
-        f"data.root={tmp_path / 'data'}", "data.num_workers=0", "train.device=cpu",
-        f"output_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="method 'mlkd' needs extra view\\(s\\) strong"):
+    ov = [f"data.root={tmp_path / 'data'}", "data.num_workers=0", "train.device=cpu",
+          f"output_dir={tmp_path}", "teacher.checkpoint=null"]
+    cfg = load_config(CONFIGS / "cifar100" / "res56_res20" / "mlkd.yaml", ov)
+    assert cfg.data.views["strong"].auto_augment == "mlkd" and cfg.data.views["strong"].augment
+    with pytest.raises(ConfigError, match="needs teacher.name and teacher.checkpoint"):
+        Trainer(cfg, "distill", quiet=True)  # the views were accepted: the teacher is next
+    cfg = load_config(CONFIGS / "cifar100" / "res56_res20" / "mlkd.yaml", [*ov, "data.views={}"])
+    with pytest.raises(ConfigError, match="method 'mlkd' trains on the extra view\\(s\\) 'strong'.*"
+                                          "data.views.strong.auto_augment=mlkd"):
         Trainer(cfg, "distill", quiet=True)
 
 

@@ -27,6 +27,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ViewConfig:
+    """One extra view of each training image (``data.views.<name>``): the per-image keys of
+    ``data`` with the same meaning, drawn independently of the main view."""
+
+    augment: bool = True
+    auto_augment: str | None = None
+    aa_interpolation: Literal["random", "bilinear", "bicubic", "nearest"] = "random"
+    re_prob: float = 0.0
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    re_count: int = 1
+
+
+@dataclass
 class DataConfig:
     name: str = "cifar100"
     root: str = "data"
@@ -38,8 +51,24 @@ class DataConfig:
     # Not in the original schema sketch: train on a fixed random subset of this many training
     # images (after the val split; drawn with val_seed, so every run/seed sees the same images).
     train_subset: int | None = None
-    augment: bool = True
+    augment: bool = True  # the dataset's own crop/flip (docs/data.md)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Augmentation policies from timm (topkd.data.augment; docs/data.md, "Augmentation").
+    # Defaults are "off"; the values in comments are DeiT's.
+    auto_augment: str | None = None  # timm policy ("rand-m9-mstd0.5-inc1") or "mlkd"
+    aa_interpolation: Literal["random", "bilinear", "bicubic", "nearest"] = "random"  # bicubic
+    re_prob: float = 0.0  # timm RandomErasing probability (0.25)
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    re_count: int = 1
+    mixup_alpha: float = 0.0  # timm Mixup (0.8)
+    cutmix_alpha: float = 0.0  # (1.0)
+    cutmix_minmax: tuple[float, float] | None = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.0  # (0.1)
+    # Extra views of each training image for methods that ask for them (e.g. MLKD's "strong").
+    views: dict[str, ViewConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +122,10 @@ class TrainConfig:
     # Not in the original schema sketch (added for the engine): resume + SyncBN.
     resume: str | None = None  # path to a checkpoint, or "auto" (RUN_DIR/checkpoints/last.pt)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    # Which split picks checkpoints/best.pt: "val" (held-out; needs data.val_fraction > 0),
+    # "test" (an oracle: labelled so in summary.json and best.pt) or "auto" (val when there is
+    # a val split, else no best.pt: the run's number is then its last epoch).
+    best_on: Literal["auto", "val", "test"] = "auto"
 
 
 @dataclass
@@ -353,6 +386,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return {}
         if not isinstance(value, dict):
             raise _bad(key, value, tp)
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is not Any:
+            return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     raise TypeError(f"unsupported config field type {tp!r} for {key}")  # pragma: no cover
 
@@ -385,6 +421,9 @@ def _check_ranges(cfg: Config) -> None:
     need(d.train_subset is None or d.train_subset >= 1, "data.train_subset",
          "null or an integer >= 1", d.train_subset)
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "a float in [0, 1)", d.val_fraction)
+    if t.best_on == "val" and d.val_fraction == 0:
+        raise ConfigError("train.best_on=val needs a validation split: set data.val_fraction > 0 "
+                          "(or train.best_on=auto: no best.pt without one)")
     need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     need(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every)
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
@@ -399,6 +438,12 @@ def _check_ranges(cfg: Config) -> None:
     need(s.warmup_epochs >= 0, "sched.warmup_epochs", "an integer >= 0", s.warmup_epochs)
     need(list(s.milestones) == sorted(s.milestones), "sched.milestones", "increasing epochs",
          s.milestones)
+    from topkd.data.augment import check_config
+
+    try:
+        check_config(d)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_dot(cfg)
 
 

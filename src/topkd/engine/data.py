@@ -44,13 +44,40 @@ class WithIndex(Dataset):
         self.ds.set_epoch(epoch)  # type: ignore[attr-defined]
 
 
+def dataset_labels(ds: Dataset) -> torch.Tensor | None:
+    """``(len(ds),)`` int64 labels of ``ds`` in index order, through ``Subset``/``WithIndex``
+    wrappers, from the base dataset's ``targets``; ``None`` if it has none."""
+    import numpy as np
+
+    idx: np.ndarray | None = None
+    while True:
+        if isinstance(ds, Subset):
+            sub = np.asarray(ds.indices, dtype=np.int64)
+            idx = sub if idx is None else sub[idx]
+            ds = ds.dataset
+        elif isinstance(ds, WithIndex):
+            ds = ds.ds
+        else:
+            break
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        return None
+    t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    return t if idx is None else t[torch.from_numpy(idx)]
+
+
 def build_datasets(cfg: Config) -> Datasets:
-    """Train (augmented per ``data.augment``), optional held-out val (test-time transform), test."""
+    """Train (augmented per ``data.augment`` and the policies/views of
+    :mod:`topkd.data.augment`), optional held-out val (test-time transform), test."""
     from topkd.data import dataset_info, get_dataset, train_val_split
+    from topkd.data.augment import apply_policies
 
     d = cfg.data
+    # Built with the training geometry if any view (main or extra) uses it.
+    augment = d.augment or any(v.augment for v in d.views.values())
     try:
-        train = get_dataset(d.name, d.root, "train", augment=d.augment, **d.kwargs)
+        train = get_dataset(d.name, d.root, "train", augment=augment, **d.kwargs)
+        train = apply_policies(train, d)
         test = get_dataset(d.name, d.root, "test", augment=False, **d.kwargs)
     except (ValueError, TypeError) as e:  # unknown dataset name / option: a config problem
         raise ConfigError(f"data: {e}") from None
@@ -61,7 +88,25 @@ def build_datasets(cfg: Config) -> Datasets:
     if d.train_subset is not None and d.train_subset < len(train):  # type: ignore[arg-type]
         train = train_subset(train, d.train_subset, seed=d.val_seed)
     size = (int(info.in_channels), int(info.image_size), int(info.image_size))
+    for split, ds in (("train", train), ("test", test)):
+        check_labels(ds, int(info.num_classes), f"data {d.name!r} ({split} split)")
     return Datasets(train, val, test, int(info.num_classes), size)
+
+
+def check_labels(ds: Dataset, num_classes: int, what: str) -> None:
+    """Labels in ``[0, num_classes)``, checked once per run: the training step runs its loss
+    without a per-step label check (no host sync), where a label of -100 would be silently
+    dropped by cross-entropy. Datasets without a ``targets`` array are not checked here."""
+    labels = dataset_labels(ds)
+    if labels is None or not labels.numel():
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        hint = (" (a negative label marks ignored rows in some datasets: topkd training needs a "
+                "class for every sample; set method.ignore_index to use such labels with the "
+                "loss functions)") if bad < 0 else ""
+        raise ConfigError(f"{what}: labels must be in [0, {num_classes}), found {bad}{hint}")
 
 
 def train_subset(ds: Dataset, n: int, seed: int = 0) -> Subset:
@@ -116,12 +161,20 @@ def train_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> tuple[DataLoader, 
     same global batches as a single process with the same global batch size, and a resumed run
     continues the exact data order from the epoch number alone.
     """
+    from topkd.data.augment import mixes_batches
+
     sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=cfg.seed, drop_last=False)
     gen = torch.Generator()  # drives worker base seeds; re-seeded per epoch by the trainer
-    loader = DataLoader(ds, batch_size=per_rank_batch(cfg.data.batch_size, dist.world_size,
-                                                      "data.batch_size"),
-                        sampler=sampler, generator=gen, drop_last=False, **_loader_kw(cfg, dist))
+    # Mixup/CutMix pair the images of a batch: drop the last incomplete one (as timm/DeiT).
+    mixing = mixes_batches(cfg.data)
+    bs = per_rank_batch(cfg.data.batch_size, dist.world_size, "data.batch_size")
+    loader = DataLoader(ds, batch_size=bs, sampler=sampler, generator=gen, drop_last=mixing,
+                        **_loader_kw(cfg, dist))
+    if mixing and len(loader) == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: with Mixup/CutMix the last "
+                          f"incomplete batch is dropped, and {len(sampler)} training images per "
+                          "rank make no full batch")
     return loader, gen
 
 
