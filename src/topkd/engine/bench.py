@@ -49,7 +49,7 @@ def build_step(teacher: str, student: str, method: str = "kd", num_classes: int 
     a teacher (e.g. ``"ce"``: the student alone, as ``topkd train``). ``teacher_model`` reuses
     an existing teacher instead of creating one. Methods with trainable modules are sized from
     the models as the trainer does (``MethodContext`` with ``size x size`` inputs and
-    ``num_samples`` training samples).
+    ``num_samples`` training samples with balanced labels).
     """
     dev = resolve_device(device)
     cfg = Config.from_dict({"train": {"amp": amp, "channels_last": channels_last,
@@ -61,7 +61,8 @@ def build_step(teacher: str, student: str, method: str = "kd", num_classes: int 
         t = teacher_model or create_model(teacher, num_classes).to(dev, memory_format=mf).eval()
         t.requires_grad_(False)
     ctx = MethodContext(num_classes=num_classes, student=s, teacher=t,
-                        input_size=(3, size, size), num_samples=num_samples)
+                        input_size=(3, size, size), num_samples=num_samples,
+                        train_labels=torch.arange(num_samples, device=dev) % num_classes)
     m = create_method(cfg.method, ctx).to(dev)
     m.validate = False  # as the trainer
     return build_train_step(cfg, s, t, m, dev)

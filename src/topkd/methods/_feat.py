@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from topkd.losses._validate import as_compute
-
+from ._feature import compute_feats
 from .base import Batch, ModelOutput
 
 __all__ = ["as_float", "check_pair", "feature_inputs", "pool_to_common", "stage_pairs",
@@ -28,10 +27,7 @@ def _tap(fn: str, which: str, out: ModelOutput, kind: str) -> Any:
     if kind not in out.feats:
         raise ValueError(f"{fn}: the {which}'s {kind!r} features are missing (the method "
                          f"declares the tap; got {sorted(out.feats) or 'none'})")
-    v = out.feats[kind]
-    if isinstance(v, (list, tuple)):
-        return [as_compute(f) for f in v]
-    return as_compute(v)
+    return compute_feats(out.feats[kind])
 
 
 def _rows(v: Any, keep: Tensor) -> Any:
