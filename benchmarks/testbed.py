@@ -420,6 +420,13 @@ class Testbench:
         if args.seeds:
             self.budget = dataclasses.replace(
                 self.budget, seeds=tuple(int(s) for s in args.seeds.split(",")))
+        sizes = {k: getattr(args, k, None) for k in
+                 ("epochs", "tune_epochs", "trials", "train_subset", "views")}
+        bad = [k for k, v in sizes.items() if v is not None and v < 1]
+        if bad:
+            raise SystemExit(f"--{bad[0].replace('_', '-')} must be >= 1")
+        self.budget = dataclasses.replace(
+            self.budget, **{k: v for k, v in sizes.items() if v is not None})
         sel = args.methods.split(",") if args.methods else (
             list(QUICK_METHODS) if args.quick else None)
         self.entries = method_entries(sel)
@@ -788,6 +795,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated method entries (default: every registered method and "
                         "every variant of configs/methods; --quick: a few)")
     p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1,2")
+    for flag, what in (("epochs", "epochs of every final / ablation / control run"),
+                       ("tune-epochs", "epochs of every tuning trial"),
+                       ("trials", "tuning trials per method entry (1: its reference config)"),
+                       ("train-subset", "student training images"),
+                       ("views", "cached crop/flip views per image")):
+        p.add_argument(f"--{flag}", type=int, default=None, help=f"override: {what}")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (data.root)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared, oversubscribed box two "

@@ -226,3 +226,20 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     assert "![K ablation](results/k_ablation_fashion_mnist_pairs.png)" in text
     png = tmp_path / "docs" / "results" / "k_ablation_fashion_mnist_pairs.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_flags_override_the_sizes_and_are_recorded(tb, tmp_path):
+    out = tmp_path / "b"
+    threads = torch.get_num_threads()
+    try:
+        assert tb.main(["--out", str(out), "--phases", "", "--epochs", "5", "--trials", "1",
+                        "--tune-epochs", "2", "--train-subset", "300", "--views", "3",
+                        "--seeds", "4,5"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    b = json.loads((out / "study.json").read_text())["budget"]
+    assert (b["epochs"], b["trials"], b["tune_epochs"], b["train_subset"], b["views"],
+            b["seeds"]) == (5, 1, 2, 300, 3, [4, 5])
+    assert b["k_values"] == list(tb.FULL.k_values)  # what was not given keeps its default
+    with pytest.raises(SystemExit, match="--trials must be >= 1"):
+        tb.main(["--out", str(out), "--phases", "", "--trials", "0"])
