@@ -421,12 +421,16 @@ class Testbench:
             self.budget = dataclasses.replace(
                 self.budget, seeds=tuple(int(s) for s in args.seeds.split(",")))
         sizes = {k: getattr(args, k, None) for k in
-                 ("epochs", "tune_epochs", "trials", "train_subset", "views")}
-        bad = [k for k, v in sizes.items() if v is not None and v < 1]
+                 ("epochs", "tune_epochs", "trials", "train_subset", "views", "warmup")}
+        bad = [k for k, v in sizes.items() if v is not None and v < (0 if k == "warmup" else 1)]
         if bad:
-            raise SystemExit(f"--{bad[0].replace('_', '-')} must be >= 1")
+            k = bad[0]
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= {0 if k == 'warmup' else 1}")
         self.budget = dataclasses.replace(
             self.budget, **{k: v for k, v in sizes.items() if v is not None})
+        if getattr(args, "k_values", None):
+            self.budget = dataclasses.replace(
+                self.budget, k_values=tuple(int(k) for k in args.k_values.split(",")))
         sel = args.methods.split(",") if args.methods else (
             list(QUICK_METHODS) if args.quick else None)
         self.entries = method_entries(sel)
@@ -452,9 +456,26 @@ class Testbench:
 
     # ---------------------------------------------------------------- helpers
     def save(self) -> None:
+        """Write study.json, keeping what other invocations (``--datasets`` run in parallel)
+        wrote there for the datasets this one does not run."""
+        import fcntl
+
         from topkd.utils.io import atomic_write_text
 
-        atomic_write_text(self.path, json.dumps(self.study, indent=1) + "\n")
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / ".study.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                disk = json.loads(self.path.read_text())
+                mine = {tb.key for tb in self.testbeds}
+                for key, d in (disk.get("datasets") or {}).items():
+                    if key not in mine:
+                        self.study["datasets"][key] = d
+                cmds = self.study.setdefault("commands", [])
+                for c in disk.get("commands") or []:
+                    if c not in cmds:
+                        cmds.append(c)
+            atomic_write_text(self.path, json.dumps(self.study, indent=1) + "\n")
 
     def ds(self, tb: Testbed) -> dict[str, Any]:
         d = self.study["datasets"].setdefault(tb.key, {})
@@ -585,8 +606,9 @@ class Testbench:
                 rec.update(role=entry.role, method=entry.method,
                            config=None if entry.file is None else
                            str(entry.file.relative_to(ROOT)))
-                if entry.key == "ce":
-                    rec["trials"] = []
+                if entry.key == "ce" or self.budget.trials == 1:
+                    rec["trials"] = []  # nothing to choose: the reference configuration runs
+                    self.save()
                     continue
                 default = self.default_method(entry)
                 trials = draw_trials(default, self.budget.trials, f"{tb.key}-{entry.key}")
@@ -801,6 +823,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("train-subset", "student training images"),
                        ("views", "cached crop/flip views per image")):
         p.add_argument(f"--{flag}", type=int, default=None, help=f"override: {what}")
+    p.add_argument("--k-values", default=None,
+                   help="override: the K ablation's k values, e.g. 1,3,5,10,50")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="override: epochs of the distillation warm-up of methods that have one")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (data.root)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared, oversubscribed box two "

@@ -232,14 +232,48 @@ def test_budget_flags_override_the_sizes_and_are_recorded(tb, tmp_path):
     out = tmp_path / "b"
     threads = torch.get_num_threads()
     try:
-        assert tb.main(["--out", str(out), "--phases", "", "--epochs", "5", "--trials", "1",
+        assert tb.main(["--out", str(out), "--phases", "tune", "--epochs", "5", "--trials", "1",
+                        "--datasets", "fashion_mnist", "--methods", "ce,kd,topkd",
                         "--tune-epochs", "2", "--train-subset", "300", "--views", "3",
-                        "--seeds", "4,5"]) == 0
+                        "--seeds", "4,5", "--warmup", "0.5", "--k-values", "1,7"]) == 0
     finally:
         torch.set_num_threads(threads)
     b = json.loads((out / "study.json").read_text())["budget"]
     assert (b["epochs"], b["trials"], b["tune_epochs"], b["train_subset"], b["views"],
             b["seeds"]) == (5, 1, 2, 300, 3, [4, 5])
-    assert b["k_values"] == list(tb.FULL.k_values)  # what was not given keeps its default
+    assert b["warmup"] == 0.5 and b["k_values"] == [1, 7]
+    assert b["max_steps"] is None  # what was not given keeps its default
+    # one trial: nothing to choose, no tuning run; the final phase uses the reference config
+    methods = json.loads((out / "study.json").read_text())["datasets"]["fashion_mnist"]["methods"]
+    assert {k: m["trials"] for k, m in methods.items()} == {"ce": [], "kd": [], "topkd": []}
+    assert not (out / "fashion_mnist").exists()
     with pytest.raises(SystemExit, match="--trials must be >= 1"):
         tb.main(["--out", str(out), "--phases", "", "--trials", "0"])
+
+
+def test_parallel_invocations_keep_each_others_datasets(tb, tmp_path):
+    """Two invocations with different --datasets share one study.json (run in parallel)."""
+    out = tmp_path / "p"
+    threads = torch.get_num_threads()
+    try:
+        a = tb.Testbench(_args(tb, out, "fashion_mnist"))
+        b = tb.Testbench(_args(tb, out, "fashion_mnist_pairs"))
+        a.ds(tb.TESTBEDS["fashion_mnist"])["methods"]["kd"] = {"status": "ok"}
+        a.save()
+        b.ds(tb.TESTBEDS["fashion_mnist_pairs"])["methods"]["dkd"] = {"status": "ok"}
+        b.save()  # b was loaded before a saved: a's dataset must survive
+    finally:
+        torch.set_num_threads(threads)
+    study = json.loads((out / "study.json").read_text())
+    assert study["datasets"]["fashion_mnist"]["methods"] == {"kd": {"status": "ok"}}
+    assert study["datasets"]["fashion_mnist_pairs"]["methods"] == {"dkd": {"status": "ok"}}
+    assert len(study["commands"]) == 2
+
+
+def _args(tb, out, datasets):
+    import argparse
+
+    argv = ["--out", str(out), "--datasets", datasets]
+    ns = argparse.Namespace(out=str(out), quick=False, seeds=None, methods="kd,dkd",
+                            datasets=datasets, data_root=None, argv=argv)
+    return ns
