@@ -114,3 +114,13 @@ def test_report_cli_renders_a_study(root, tmp_path, capsys):
     assert main(["report", str(root), "--template", str(template)]) == 2
     assert "no '{{report}}' line" in capsys.readouterr().err
     assert main(["report", str(root), str(tmp_path)]) == 2  # a study is reported alone
+
+
+def test_setup_says_untuned_when_one_trial(root, tmp_path):
+    m = json.loads((root / "study.json").read_text())
+    assert "2 trials per method" in study.render(root, md_dir=tmp_path, plots=tmp_path)
+    m["budget"]["trials"] = 1
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "Tuning: none: every method runs its reference configuration" in text
+    assert "trials per method" not in text
