@@ -483,6 +483,13 @@ class Testbench:
         d.setdefault("methods", {})
         return d
 
+    def ds_runs(self, tb: Testbed) -> dict[str, Any]:
+        """:meth:`ds` for a phase that trains students: the dataset records this invocation's
+        budget (datasets may be run apart with different sizes)."""
+        d = self.ds(tb)
+        d["budget"] = self.study["budget"]
+        return d
+
     def common(self, tb: Testbed, epochs: int, seed: int, run_dir: Path,
                train_subset: int | None = None) -> list[str]:
         # name: OUT/<dataset>/<phase>/<entry>[/<variant>]/seed_<s> -> "<dataset>-<phase>-..."
@@ -602,7 +609,7 @@ class Testbench:
     def phase_tune(self) -> None:
         for tb in self.testbeds:
             for entry in self.entries:
-                rec = self.ds(tb)["methods"].setdefault(entry.key, {})
+                rec = self.ds_runs(tb)["methods"].setdefault(entry.key, {})
                 rec.update(role=entry.role, method=entry.method,
                            config=None if entry.file is None else
                            str(entry.file.relative_to(ROOT)))
@@ -626,7 +633,7 @@ class Testbench:
     def phase_final(self) -> None:
         for tb in self.testbeds:
             for entry in self.entries:
-                rec = self.ds(tb)["methods"].setdefault(entry.key, {
+                rec = self.ds_runs(tb)["methods"].setdefault(entry.key, {
                     "role": entry.role, "method": entry.method})
                 if rec.get("status") == "unsupported":
                     continue
@@ -669,7 +676,7 @@ class Testbench:
                 continue
             base = self.chosen(tb, entry) or self.default_method(entry)
             sweep = []
-            final = self.ds(tb)["methods"].get("topkd", {}).get("final") or []
+            final = self.ds_runs(tb)["methods"].get("topkd", {}).get("final") or []
             for k in self.budget.k_values:
                 m = copy.deepcopy(base)
                 m["k"] = k
@@ -681,7 +688,7 @@ class Testbench:
                     run_dir = self.out / tb.key / "kablation" / f"k_{k}" / f"seed_{s}"
                     runs.append(self.student_run(tb, entry, m, run_dir, self.budget.epochs, s))
                 sweep.append({"k": k, "runs": runs, "method": m})
-                self.ds(tb)["k_ablation"] = {"entry": "topkd", "key": "method.k",
+                self.ds_runs(tb)["k_ablation"] = {"entry": "topkd", "key": "method.k",
                                              "points": sweep}
                 self.save()
 
@@ -707,7 +714,7 @@ class Testbench:
                         for s in self.budget.seeds]
                 controls.append({"key": key, "label": label, "of": of, "method": m,
                                  "changes": diff(base, m), "runs": runs})
-                self.ds(tb)["controls"] = controls
+                self.ds_runs(tb)["controls"] = controls
                 self.save()
 
     def phase_legacy(self) -> None:

@@ -124,3 +124,19 @@ def test_setup_says_untuned_when_one_trial(root, tmp_path):
     text = study.render(root, md_dir=tmp_path, plots=tmp_path)
     assert "Tuning: none: every method runs its reference configuration" in text
     assert "trials per method" not in text
+
+
+def test_each_dataset_reports_its_own_budget(root, tmp_path):
+    m = json.loads((root / "study.json").read_text())
+    toy = m["datasets"]["toy"]
+    toy["budget"] = {**m["budget"], "epochs": 5}
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "5 epochs on a fixed subset" in text and "8 epochs on a fixed subset" not in text
+    m["datasets"]["toy2"] = {**json.loads(json.dumps(toy)), "label": "Toy two",
+                             "budget": {**m["budget"], "epochs": 7}}
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "Toy two: Every student run: the dataset recipe (SGD, cosine, batch 128), 7 epochs" \
+        in text
+    assert ": Every student run: the dataset recipe (SGD, cosine, batch 128), 5 epochs" in text

@@ -246,6 +246,8 @@ def test_budget_flags_override_the_sizes_and_are_recorded(tb, tmp_path):
     # one trial: nothing to choose, no tuning run; the final phase uses the reference config
     methods = json.loads((out / "study.json").read_text())["datasets"]["fashion_mnist"]["methods"]
     assert {k: m["trials"] for k, m in methods.items()} == {"ce": [], "kd": [], "topkd": []}
+    ds_budget = json.loads((out / "study.json").read_text())["datasets"]["fashion_mnist"]["budget"]
+    assert ds_budget == b  # the dataset keeps the sizes its runs were made with
     assert not (out / "fashion_mnist").exists()
     with pytest.raises(SystemExit, match="--trials must be >= 1"):
         tb.main(["--out", str(out), "--phases", "", "--trials", "0"])

@@ -184,24 +184,32 @@ def _setup(study: Study, dss: dict[str, Any]) -> list[str]:
         ])
     lines += _table(["dataset", "teacher", "teacher test top-1 @ best val", "teacher training",
                      "student", "student training"], rows)
+    budgets = {key: ds.get("budget") or b for key, ds in dss.items()}
+    one = len({json.dumps(v, sort_keys=True) for v in budgets.values()}) == 1
+    for key, bd in budgets.items():
+        prefix = "" if one else f"{dss[key].get('label', key)}: "
+        lines += ["", prefix + _budget_line(bd)]
+        if one:
+            break
+    lines += [""]
+    return lines
+
+
+def _budget_line(b: dict[str, Any]) -> str:
     trials = int(b.get("trials", 1))
     tuning = ("none: every method runs its reference configuration (one trial, nothing to "
               "choose)" if trials == 1 else
               f"{trials} trials per method (the reference configuration and {trials - 1} "
               "random changes of one or two parameters by x0.5 / x2) of "
               f"{b.get('tune_epochs')} epochs, seed 0, chosen on validation top-1 only")
-    lines += [
-        "",
+    return (
         f"Every student run: the dataset recipe (SGD, cosine, batch 128), "
         f"{b.get('epochs')} epochs on a fixed subset of {b.get('train_subset')} training "
         f"images, seeds {', '.join(str(s) for s in b.get('seeds', []))}; the number is test "
         f"top-1 at the epoch of best validation top-1. Tuning: {tuning}. "
         f"Distillation warm-ups: {b.get('warmup'):g} epochs. Teacher logits: a "
         f"teacher-logit cache of {b.get('views')} crop/flip views per image for the methods "
-        "that need only logits; the teacher runs online for the others.",
-        "",
-    ]
-    return lines
+        "that need only logits; the teacher runs online for the others.")
 
 
 def _dataset_section(study: Study, key: str, ds: dict[str, Any], ours: Sequence[str]
