@@ -27,27 +27,28 @@ from topkd.utils.dist import resolve_device
 
 
 def build_step(teacher: str, student: str, method: str = "kd", num_classes: int = 100,
-               device: str = "auto", amp: str = "none", channels_last: bool = False,
-               compile: bool = False, teacher_model: torch.nn.Module | None = None
+               device: str = "auto", amp: str = "auto", channels_last: bool | str = "auto",
+               compile: bool | str = "auto", teacher_model: torch.nn.Module | None = None
                ) -> TrainStep:
     """The engine's :class:`~topkd.engine.step.TrainStep` for a teacher/student pair.
 
     Built as the trainer builds it (:func:`~topkd.engine.step.build_train_step`) from a real
-    :class:`Config` (``method.name=method`` with its reference defaults, default optimiser); the
+    :class:`Config` (``method.name=method`` with its reference defaults, default optimiser,
+    ``train.amp/channels_last/compile`` as given: ``"auto"`` = the engine's defaults); the
     teacher has random weights (they do not change the cost) and is dropped for methods without
     a teacher (e.g. ``"ce"``: the student alone, as ``topkd train``). ``teacher_model`` reuses
-    an existing teacher instead of creating one.
+    an existing teacher instead of creating one (converted to channels_last in place if the
+    step uses it).
     """
     dev = resolve_device(device)
     cfg = Config.from_dict({"train": {"amp": amp, "channels_last": channels_last,
                                       "compile": compile}, "method": {"name": method}})
-    mf = torch.channels_last if channels_last else torch.preserve_format
-    s = create_model(student, num_classes).to(dev, memory_format=mf)
+    s = create_model(student, num_classes).to(dev)
     m = create_method(cfg.method, num_classes=num_classes).to(dev)
     m.validate = False  # as the trainer
     t: torch.nn.Module | None = None
     if m.needs_teacher:
-        t = teacher_model or create_model(teacher, num_classes).to(dev, memory_format=mf).eval()
+        t = teacher_model or create_model(teacher, num_classes).to(dev).eval()
         t.requires_grad_(False)
     return build_train_step(cfg, s, t, m, dev)
 

@@ -160,8 +160,7 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 warnings.warn("train.sync_bn needs CUDA; ignored on CPU", stacklevel=2)
-        mf = torch.channels_last if c.train.channels_last else torch.preserve_format
-        return model.to(self.device, memory_format=mf)
+        return model.to(self.device)  # channels_last: build_train_step
 
     def _build_teacher(self) -> nn.Module:
         from topkd.checkpoints import (
@@ -182,8 +181,7 @@ class Trainer:
                                    **tc.kwargs)
         except (ValueError, TypeError, CheckpointMismatchError, UnsafeCheckpointError) as e:
             raise ConfigError(f"teacher: {e}") from None
-        mf = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
-        return teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
+        return teacher.to(self.device).eval().requires_grad_(False)
 
     def _build_method(self) -> nn.Module:
         from topkd.methods import MethodContext, ParamError, create_method
@@ -424,7 +422,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         self._sync_buffers()
-        ev = {"autocast": self.autocast, "channels_last": self.cfg.train.channels_last}
+        ev = {"autocast": self.autocast, "channels_last": self.step.channels_last}
         net = self.method.eval_model(self.model)
         val = evaluate(net, self.val_loader, self.device, **ev) if self.val_loader else None
         test = evaluate(net, self.test_loader, self.device, **ev)

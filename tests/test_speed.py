@@ -1,0 +1,216 @@
+"""The speed switches (topkd.engine.speed): auto rules, compiled == eager, eager fallback,
+checkpoints across compiled and eager runs.
+
+Compiling with inductor costs 15-100 s per graph on the 2-core CI box, so these tests compile
+with ``aot_eager`` (dynamo's graph capture and AOTAutograd's joint forward/backward graph, the
+parts that break on a method's Python-side logic, without code generation) or ``eager``
+(capture only). The same comparison with inductor's generated code runs with
+``TOPKD_TEST_INDUCTOR=1`` (docs/benchmarks.md records its result).
+"""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+import topkd.engine.speed as speed
+from test_engine_common import tiny_config, tinynet_registered  # noqa: F401
+from topkd.config import Config, ConfigError
+from topkd.engine.speed import (
+    CompiledOrEager,
+    resolve_amp,
+    resolve_channels_last,
+    resolve_compile,
+)
+from topkd.engine.step import build_train_step
+from topkd.methods import create_method
+from topkd.models import create_model
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+# Stated tolerance of compiled vs eager training (float32; reassociated sums of a few ULPs,
+# grown over 3 SGD steps).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture
+def backend(request):
+    name = getattr(request, "param", "aot_eager")
+    with mock.patch.dict(speed.COMPILE_OPTIONS, {"backend": name}):
+        torch._dynamo.reset()
+        yield name
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- auto rules
+
+
+def test_auto_rules():
+    assert resolve_amp("auto", CPU) is None and resolve_amp("none", CUDA) is None
+    with mock.patch("torch.cuda.is_bf16_supported", return_value=True):
+        assert resolve_amp("auto", CUDA) is torch.bfloat16
+    with mock.patch("torch.cuda.is_bf16_supported", return_value=False):
+        assert resolve_amp("auto", CUDA) is None  # e.g. pre-Ampere: fp32, not fp16
+    assert resolve_amp("fp16", CUDA) is torch.float16 and resolve_amp("fp16", CPU) is None
+    assert resolve_amp("bf16", CPU) is torch.bfloat16  # explicit: CPU autocast
+    conv, mlp = create_model("resnet8", 10), nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    assert resolve_channels_last("auto", conv, None) is True
+    assert resolve_channels_last("auto", mlp, conv) is True  # a convolutional teacher
+    assert resolve_channels_last("auto", mlp, None) is False
+    assert resolve_channels_last(False, conv) is False and resolve_channels_last(True, mlp)
+    assert resolve_compile("auto", CPU) is False and resolve_compile("auto", CUDA) is True
+    assert resolve_compile(True, CPU) is True and resolve_compile(False, CUDA) is False
+
+
+def test_defaults_are_auto_and_validated():
+    t = Config().train
+    assert (t.amp, t.channels_last, t.compile) == ("auto", "auto", "auto")
+    assert Config().data.loader == "auto"
+    for key, bad in (("compile", "maybe"), ("channels_last", "yes"), ("amp", "fp8")):
+        with pytest.raises(ConfigError, match=f"'train.{key}'"):
+            Config.from_dict({"train": {key: bad}})
+    assert Config.from_dict({"train": {"compile": True, "channels_last": False}}).train.compile
+
+
+def test_channels_last_default_converts_models_and_inputs():
+    cfg = Config.from_dict({"method": {"name": "kd"}})
+    s, t = create_model("resnet8", 10), create_model("resnet8", 10).eval()
+    m = create_method(cfg.method, num_classes=10)
+    step = build_train_step(cfg, s, t, m, CPU)
+    assert step.channels_last and step.amp_dtype is None and not step.compiled
+    w = s.conv1.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert t.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    s.register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
+    step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), epoch=1)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_explicit_bf16_runs_on_the_cpu_and_fp16_is_refused_there():
+    def step(amp):
+        cfg = Config.from_dict({"method": {"name": "kd"}, "train": {"amp": amp}})
+        s, t = create_model("test_tinynet", 10), create_model("test_tinynet", 10).eval()
+        return build_train_step(cfg, s, t, create_method(cfg.method, num_classes=10), CPU)
+
+    st = step("bf16")
+    assert st.amp_dtype is torch.bfloat16 and not st.scaler.is_enabled()
+    out, logits = st(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), epoch=1)
+    assert logits.dtype is torch.bfloat16  # the student ran under CPU autocast
+    assert out.total.dtype is torch.float32  # the method's loss is computed in fp32
+    with pytest.warns(UserWarning, match="train.amp=fp16 ignored on cpu"):
+        assert step("fp16").amp_dtype is None
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+@pytest.mark.parametrize("backend", ["eager"], indirect=True)
+def test_compiled_or_eager_falls_back_once_with_a_notice(backend, capsys):
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        y = x * 2
+        torch._dynamo.graph_break()  # not one graph: fullgraph=True refuses to compile it
+        return y + 1
+
+    c = CompiledOrEager(fn, "the test function")
+    x = torch.arange(3.0)
+    assert torch.equal(c(x), x * 2 + 1) and not c.is_compiled
+    assert len(calls) == 1  # dynamo failed before running anything; then one eager call
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("topkd: notice: torch.compile of the test "
+                                              "function failed (") and "eagerly" in err[0]
+    assert torch.equal(c(x), x * 2 + 1)
+    assert capsys.readouterr().err == ""  # no second notice
+
+
+@pytest.mark.parametrize("backend", ["eager"], indirect=True)
+def test_compiled_or_eager_keeps_real_errors(backend, capsys):
+    lin = nn.Linear(3, 2)
+    c = CompiledOrEager(lin, "the linear layer")
+    assert c._orig_mod is lin  # FeatureTaps hook the raw module
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        c(torch.randn(2, 4))  # the eager call raises the model's own error
+    assert c.is_compiled and "topkd: notice" not in capsys.readouterr().err
+    x = torch.randn(2, 3)
+    assert torch.equal(c(x), lin(x))
+
+
+# --------------------------------------------------------------------------- compiled == eager
+
+
+def _steps(method: dict, compile_: bool, n: int = 3):
+    torch.manual_seed(0)
+    cfg = Config.from_dict({"method": method, "train": {"compile": compile_}})
+    s, t = create_model("test_tinynet", 10), create_model("test_tinynet", 10).eval()
+    m = create_method(cfg.method, num_classes=10)
+    m.validate = False
+    step = build_train_step(cfg, s, t.requires_grad_(False), m, CPU)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for i in range(n):
+        x = torch.randn(8, 3, 16, 16, generator=g)
+        y = torch.randint(0, 10, (8,), generator=g)
+        out, logits = step(x, y, epoch=3 + i)
+        losses.append(torch.stack([out.total.detach(), *out.terms.values()]))
+    return step, torch.stack(losses), s.state_dict()
+
+
+def _assert_compiled_equals_eager(method: dict) -> None:
+    eager, l_e, sd_e = _steps(method, False)
+    comp, l_c, sd_c = _steps(method, True)
+    assert len(comp.compiled) == 4 and all(c.is_compiled for c in comp.compiled), \
+        [c.error for c in comp.compiled]  # student, task_loss, distill, teacher: none fell back
+    torch.testing.assert_close(l_c, l_e, rtol=RTOL, atol=ATOL)
+    assert sd_c.keys() == sd_e.keys()  # no _orig_mod. prefixes
+    for k in sd_e:
+        torch.testing.assert_close(sd_c[k], sd_e[k], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", [{"name": "kd"}, {"name": "topkd", "warmup": 2.0}],
+                         ids=["kd", "topkd"])
+def test_compiled_step_equals_eager(backend, method):
+    _assert_compiled_equals_eager(method)
+
+
+@pytest.mark.skipif(os.environ.get("TOPKD_TEST_INDUCTOR") != "1",
+                    reason="inductor code generation takes minutes on the CI box; "
+                           "TOPKD_TEST_INDUCTOR=1 runs it")
+@pytest.mark.parametrize("method", [{"name": "kd"}, {"name": "topkd", "warmup": 2.0}],
+                         ids=["kd", "topkd"])
+def test_inductor_step_equals_eager(method):
+    torch._dynamo.reset()
+    _assert_compiled_equals_eager(method)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("backend", ["eager"], indirect=True)
+def test_checkpoints_move_between_compiled_and_eager_runs(backend, tmp_path):
+    from topkd.engine import Trainer
+
+    def cfg(compile_):
+        return tiny_config(tmp_path, train={"epochs": 2, "compile": compile_})
+
+    ref = Trainer(cfg(False), "train", tmp_path / "eager", quiet=True)
+    ref.fit()
+    for first, then in ((False, True), (True, False)):
+        run = tmp_path / f"{first}-{then}"
+        a = Trainer(cfg(first), "train", run, quiet=True)
+        assert bool(a.step.compiled) is first
+        a.fit(max_epochs=1)
+        keys = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"].keys()
+        assert list(keys) == list(ref.model.state_dict())  # no _orig_mod. prefixes
+        b = Trainer(cfg(then), "train", run, resume="auto", quiet=True)
+        assert b.start_epoch == 2 and bool(b.step.compiled) is then
+        b.fit()
+        assert all(c.is_compiled for c in b.step.compiled)
+        sd, want = b.model.state_dict(), ref.model.state_dict()
+        for k in want:
+            torch.testing.assert_close(sd[k], want[k], rtol=RTOL, atol=ATOL)
