@@ -1,6 +1,6 @@
 """Independent reference implementations for the loss tests.
 
-Written straight from ``/shared/method.md``, one sample at a time, in float64, with Python
+Written straight from ``docs/spec.md``, one sample at a time, in float64, with Python
 loops and no shared code with ``topkd.losses``. Plus the mdistiller reference formulas for KD
 and DKD (vectorized, copied in spirit from their ``kd.py`` / ``dkd.py``).
 """

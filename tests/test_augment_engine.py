@@ -234,7 +234,8 @@ def test_vit_config_trains_with_the_deit_recipe(tmp_path, monkeypatch):
     from topkd.data import augment
     from topkd.models import create_model
 
-    make_cifar100(tmp_path / "data", n_train=8, n_test=4)
+    # 10 images: the recipe's 10% validation split leaves 9, two full Mixup batches of 4
+    make_cifar100(tmp_path / "data", n_train=10, n_test=4)
     torch.manual_seed(0)
     ckpt = tmp_path / "resnet32x4.pt"
     save_weights(create_model("resnet32x4", 100), ckpt)

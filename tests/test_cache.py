@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+import topkd.losses as losses
 from topkd.cache import (
     CacheMismatchError,
     ReplayableCropFlip,
@@ -97,7 +98,6 @@ def test_replay_matches_torchvision_pixel_exact():
 
 
 def test_full_cache_equals_online_teacher_losses(ds, full_cache):
-    losses = pytest.importorskip("topkd.losses")
     teacher = _teacher()
     wrapped = wrap_dataset(ds, full_cache, seed=3, teacher_name="t", dataset_name="toy")
     assert len(wrapped) == len(ds)
@@ -127,7 +127,6 @@ def test_float16_cache_close_to_online(ds, tmp_path):
 
 @pytest.mark.parametrize("k", [3, 9])
 def test_topk_cache_exact_topk_and_bounded_rest(ds, tmp_path, k):
-    losses = pytest.importorskip("topkd.losses")
     build_cache(_teacher(), ds, tmp_path / "k", views=2, topk=k, progress=False, dtype="float32")
     w = wrap_dataset(ds, tmp_path / "k")
     x, y, t = w.batch(np.arange(len(ds)))
@@ -216,3 +215,20 @@ def test_bytes_per_sample_and_disk(ds, full_cache):
     assert bytes_per_sample(1000, views=1, topk=10, dtype="float16", aug_params=0) == 42
     c = TeacherLogitCache.open(full_cache)
     assert c.disk_bytes() > len(ds) * bytes_per_sample(10, 3, None, "float32")
+
+
+def test_transform_mismatch_names_what_the_cache_cannot_replay():
+    from types import SimpleNamespace
+
+    from topkd.cache import ReplayableCropFlip, transform_mismatch
+    from topkd.data.transforms import build_transform, crop_flip, rotate_flip
+
+    norm = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    cache = SimpleNamespace(augment=ReplayableCropFlip(padding=4), header=norm)
+    assert transform_mismatch(cache, build_transform(crop_flip(32, 4), **norm)) is None
+    # Tiny-ImageNet's rotation (mdistiller's pipeline) is not a crop: refused, not replaced
+    why = transform_mismatch(cache, build_transform(rotate_flip(20), **norm))
+    assert "PILRandomRotation" in why and "RandomCrop(padding 4) + HFlip" in why
+    assert "RandomCrop(size=(32, 32), padding=2)" in transform_mismatch(
+        cache, build_transform(crop_flip(32, 2), **norm))
+    assert transform_mismatch(cache, lambda x: x) is None  # foreign transforms are not checked

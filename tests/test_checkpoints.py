@@ -11,10 +11,12 @@ import torch
 from topkd.checkpoints import (
     FORMAT,
     CheckpointMismatchError,
+    CorruptCheckpointError,
     UnsafeCheckpointError,
     extract_state_dict,
     load_teacher,
     load_weights,
+    read_torch_file,
     save_weights,
     sha256_file,
 )
@@ -202,3 +204,35 @@ def test_errors_for_missing_file_and_unknown_layout(tmp_path):
         load_weights(create_model("resnet8", 10), tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="could not find a state_dict"):
         extract_state_dict({"weights": {"a": 1}})
+
+
+def _damaged(kind: str, good: bytes, legacy: bytes) -> bytes:
+    return {"empty": b"", "truncated": good[: len(good) // 2], "head_only": good[:100],
+            "random": os.urandom(2000), "text": b"not a checkpoint\n",
+            "legacy_truncated": legacy[:-5]}[kind]
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "head_only", "random", "text",
+                                  "legacy_truncated"])
+def test_damaged_files_are_named_as_truncated_or_corrupt(tmp_path, kind):
+    """torch gives a bare EOFError, an internal zip error, KeyError/IndexError or a false
+    'contains pickled Python objects' message for these; we name the file and the problem."""
+    m = torch.nn.Linear(3, 2)
+    save_weights(m, tmp_path / "good.pt")
+    torch.save(m.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    bad = tmp_path / f"{kind}.pt"
+    bad.write_bytes(_damaged(kind, (tmp_path / "good.pt").read_bytes(),
+                             (tmp_path / "legacy.pt").read_bytes()))
+    with pytest.raises(CorruptCheckpointError, match=rf"{kind}\.pt is truncated or corrupt"):
+        load_weights(m, bad, verbose=False)
+    with pytest.raises(CorruptCheckpointError, match=rf"{kind}\.pt is truncated or corrupt"):
+        read_torch_file(bad)
+
+
+def test_damaged_safetensors_is_named(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    save_weights(m, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"w\.safetensors is truncated or corrupt"):
+        load_weights(m, tmp_path / "w.safetensors", verbose=False)

@@ -41,6 +41,27 @@ def test_help_of_every_command(capsys, cmd, expect):
         assert s in out, s
 
 
+@pytest.mark.parametrize("cmd", [[], ["train"], ["distill"], ["eval"], ["transfer"],
+                                 ["report"], ["demo"], ["methods"]])
+def test_help_is_plain_text(capsys, cmd):
+    """No reST markup (``x``, :func:) and no pointer to commands that do not exist."""
+    with pytest.raises(SystemExit):
+        cli.main([*cmd, "--help"])
+    out = capsys.readouterr().out
+    for markup in ("``", ":func:", ":class:", ":data:", ":mod:", "topkd models"):
+        assert markup not in out, (cmd, markup)
+
+
+def test_eval_workers_follow_the_config_and_the_cores(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    cfg = SimpleNamespace(data=SimpleNamespace(num_workers=0))
+    assert cli.eval_workers(None, cfg) == 0  # the checkpoint's config says 0
+    assert cli.eval_workers(None, None) == 2  # default 4, but only 2 cores
+    assert cli.eval_workers(8, None) == 2 and cli.eval_workers(1, cfg) == 1
+
+
 def test_distill_without_a_distillation_term_is_an_error(capsys, cfg_file):
     # the config's method is plain CE: 'topkd distill' would silently train CE for the schedule
     assert cli.main(["distill", str(cfg_file)]) == 2
@@ -81,10 +102,17 @@ def test_missing_lazy_module_is_a_clean_error(capsys, monkeypatch):
 
 
 def test_train_then_eval_matches_engine(capsys, cfg_file, tmp_path):
-    assert cli.main(["train", str(cfg_file), "optim.lr=0.2", "--device", "cpu"]) == 0
+    # No val split here: best.pt only with the explicit, labelled oracle option.
+    assert cli.main(["train", str(cfg_file), "optim.lr=0.2", "--device", "cpu",
+                     "train.best_on=test"]) == 0
     run = tmp_path / "runs" / "cli"
     summary = json.loads((run / "summary.json").read_text())
-    assert "done: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: best.pt is picked on the TEST split (train.best_on=test): an oracle" in out
+    assert f"done: {run}: last-epoch test acc@1 {summary['last_test_acc1']:.2f} (no validation " \
+        f"split); best.pt picked on TEST (train.best_on=test, an oracle): " \
+        f"{summary['best_test_acc1']:.2f}" in out
+    assert summary["best_on"] == "test"
     # Embedded config: no other argument needed.
     assert cli.main(["eval", str(run / "checkpoints/last.pt"), "--json", "--num-workers", "0"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -92,7 +120,7 @@ def test_train_then_eval_matches_engine(capsys, cfg_file, tmp_path):
     assert res["acc1"] == pytest.approx(summary["last_test_acc1"])
     assert res["acc5"] == pytest.approx(summary["last_test_acc5"])
     assert res["loss"] == pytest.approx(summary["last_test_loss"], rel=1e-6)
-    # Explicit model/dataset on best.pt: the best-on-test epoch (no val split here).
+    # Explicit model/dataset on best.pt: the best-on-test epoch (train.best_on=test).
     assert cli.main(["eval", str(run / "checkpoints/best.pt"), "--model", "test_tinynet",
                      "--dataset", "cifar100", "--data-root", str(tmp_path / "data"),
                      "--num-workers", "0"]) == 0
@@ -135,3 +163,94 @@ def test_resume_explicit_path(capsys, cfg_file, tmp_path):
     assert json.loads((tmp_path / "runs/a/summary.json").read_text())["epochs"] == 2
     assert cli.main(["train", str(cfg_file), "--resume", str(tmp_path / "x.pt")]) == 2
     assert "resume checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_eval_of_damaged_checkpoint_is_one_line(capsys, cfg_file, tmp_path, damage):
+    import os
+
+    assert cli.main(["train", str(cfg_file), "train.epochs=1"]) == 0
+    good = (tmp_path / "runs/cli/checkpoints/last.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes({"empty": b"", "truncated": good[: len(good) // 2],
+                     "random": os.urandom(1000)}[damage])
+    for extra in ([], ["--model", "test_tinynet", "--dataset", "cifar100"]):
+        capsys.readouterr()
+        assert cli.main(["eval", str(bad), "--num-workers", "0", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("topkd: error: ") and f"{bad} is truncated or corrupt" in err
+        assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("blocked", ["output_dir", "checkpoints"])
+def test_unwritable_output_dir_is_checked_first(capsys, cfg_file, tmp_path, blocked):
+    """A file where the run directory (or its checkpoints/) must go: one line, before the data
+    is even looked at (data.root points nowhere here, and that is not what is reported)."""
+    (tmp_path / "blocker").write_text("x")
+    if blocked == "output_dir":
+        args = [f"output_dir={tmp_path / 'blocker'}"]
+        blocker = tmp_path / "blocker"
+    else:
+        (tmp_path / "out/cli").mkdir(parents=True)
+        (tmp_path / "out/cli/checkpoints").write_text("x")
+        args = ["--output-dir", str(tmp_path / "out")]
+        blocker = tmp_path / "out/cli/checkpoints"
+    assert cli.main(["train", str(cfg_file), *args, f"data.root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topkd: error: cannot write the run directory") and \
+        f"{blocker} exists and is not a directory" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_eval_set_applies_to_the_embedded_config_or_is_an_error(capsys, cfg_file, tmp_path):
+    import torch
+
+    assert cli.main(["train", str(cfg_file), "train.epochs=1"]) == 0
+    last = tmp_path / "runs/cli/checkpoints/last.pt"
+    capsys.readouterr()
+    # applied: the embedded config's data.root is overridden (and then not found)
+    assert cli.main(["eval", str(last), "--num-workers", "0", "--set",
+                     f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+    plain = tmp_path / "plain.pt"  # a bare state_dict embeds no config
+    torch.save(torch.load(last, weights_only=True)["model"], plain)
+    assert cli.main(["eval", str(plain), "--model", "test_tinynet", "--dataset", "cifar100",
+                     "--set", "data.batch_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "--set data.batch_size=8: there is no config to override" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(capsys, cfg_file):
+    assert cli.main(["train", str(cfg_file), "train.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("topkd: error: train.device='cuda' but CUDA is not available")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_interrupted_training_points_to_resume(capsys, cfg_file, monkeypatch):
+    import topkd.engine.run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(topkd.engine.run, "run_training", interrupted)
+    assert cli.main(["train", str(cfg_file)]) == 130
+    err = capsys.readouterr().err
+    assert err == ("topkd: error: interrupted; checkpoints/last.pt holds the last finished epoch: "
+                   "run the same command with --resume to continue\n")
+
+
+def test_eval_strict_mismatch_suggests_the_cli_flag(capsys, cfg_file, tmp_path):
+    assert cli.main(["train", str(cfg_file), "train.epochs=1"]) == 0
+    last = str(tmp_path / "runs/cli/checkpoints/last.pt")
+    capsys.readouterr()
+    other = ["--model", "test_tinynet", "--model-kwargs", "{width: 4}", "--dataset", "cifar100",
+             "--data-root", str(tmp_path / "data"), "--num-workers", "0"]
+    assert cli.main(["eval", last, *other]) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatch" in err and "--no-strict loads the matching tensors only" in err
+    assert "strict=False" not in err and "Traceback" not in err
+    assert cli.main(["eval", last, *other, "--no-strict"]) == 0
+    assert "skipped: 0 missing, 0 unexpected, 3 shape-mismatched" in capsys.readouterr().out

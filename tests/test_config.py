@@ -132,3 +132,37 @@ def test_roundtrip_and_save(tree, tmp_path):
     text = out.read_text()
     assert "milestones: [150, 180, 210]" in text and "amp: fp16" in text
     assert cfg.run_dir == Path("runs") / "exp"
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _shipped_run_configs() -> list[Path]:
+    """Every shipped YAML that defines a dataset (base recipes and runnable leaves); method
+    files and per-pair overrides are fragments (they may set a few data keys, never a dataset)."""
+    from topkd.config import load_raw
+
+    fragments = ("methods", "pair_overrides")
+    return [p for p in sorted(CONFIGS.rglob("*.yaml"))
+            if p.relative_to(CONFIGS).parts[0] not in fragments and "data" in load_raw(p)]
+
+
+def test_every_shipped_config_holds_out_a_validation_split():
+    """best.pt and the summary's headline number are picked on held-out data, never on test."""
+    paths = _shipped_run_configs()
+    assert len(paths) > 100  # the leaves are there
+    for p in paths:
+        cfg = load_config(p)
+        rel = p.relative_to(CONFIGS)
+        assert cfg.data.val_fraction > 0, rel
+        assert cfg.train.best_on in ("auto", "val"), rel
+
+
+def test_best_on_is_validated():
+    with pytest.raises(ConfigError, match="train.best_on=val needs a validation split"):
+        Config.from_dict({"train": {"best_on": "val"}})
+    with pytest.raises(ConfigError, match=r"'train.best_on': 'best'; expected one of \{auto, "):
+        Config.from_dict({"train": {"best_on": "best"}})
+    assert Config.from_dict({"train": {"best_on": "test"}}).train.best_on == "test"
+    assert Config.from_dict({"data": {"val_fraction": 0.1},
+                             "train": {"best_on": "val"}}).train.best_on == "val"

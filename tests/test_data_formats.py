@@ -146,6 +146,48 @@ def test_tiny_imagenet_tree(tmp_path):
     assert norm[0][0].dtype == torch.float32 and norm[0][0].shape == (3, 64, 64)
 
 
+# mdistiller's Tiny-ImageNet pipeline, copied from megvii-research/mdistiller,
+# mdistiller/dataset/tiny_imagenet.py (commit a08d46f10d6102bd6e3f258ca5ac880b020ea259),
+# get_tinyimagenet_dataloader: the pair configs load teachers trained with it.
+MDISTILLER_TINY_IMAGENET = {
+    "mean": (0.4802, 0.4481, 0.3975),
+    "std": (0.2302, 0.2265, 0.2262),
+    "rotation_degrees": 20,  # transforms.RandomRotation(20)
+    "hflip_p": 0.5,  # transforms.RandomHorizontalFlip(0.5)
+}
+
+
+def _mdistiller_tiny_train_transform() -> T.Compose:
+    f = MDISTILLER_TINY_IMAGENET
+    return T.Compose([T.RandomRotation(f["rotation_degrees"]),
+                      T.RandomHorizontalFlip(f["hflip_p"]),
+                      T.ToTensor(), T.Normalize(f["mean"], f["std"])])
+
+
+def test_tiny_imagenet_pipeline_equals_mdistiller(tmp_path):
+    """Train and test tensors are bit-identical to mdistiller's PIL pipeline on the same files
+    with the same RNG state (rotation + flip, its mean/std), not ImageNet's crop pipeline."""
+    from torchvision.datasets.folder import default_loader
+
+    from topkd.data import dataset_info
+
+    write_tiny_imagenet(tmp_path)
+    f = MDISTILLER_TINY_IMAGENET
+    info = dataset_info("tiny_imagenet")
+    assert (info.mean, info.std) == (f["mean"], f["std"])
+    train = get_dataset("tiny_imagenet", tmp_path, "train")
+    ref = _mdistiller_tiny_train_transform()
+    for i, (path, _) in enumerate(train.samples):
+        torch.manual_seed(100 + i)
+        ours = train[i][0]
+        torch.manual_seed(100 + i)
+        assert torch.equal(ours, ref(default_loader(path))), path
+    test = get_dataset("tiny_imagenet", tmp_path, "test")
+    ref_test = T.Compose([T.ToTensor(), T.Normalize(f["mean"], f["std"])])
+    for i, (path, _) in enumerate(test.samples):
+        assert torch.equal(test[i][0], ref_test(default_loader(path))), path
+
+
 def test_tiny_imagenet_errors(tmp_path):
     truth = write_tiny_imagenet(tmp_path)
     ann = truth["root"] / "val" / "val_annotations.txt"

@@ -140,3 +140,60 @@ def test_demo_help_lists_the_knobs():
                 "--data-root", "--subset", "--views", "--topk", "--no-cache"):
         assert opt in text
     assert demo._int_list("0-2") == [0, 1, 2] and demo._int_list("3,5") == [3, 5]
+
+
+def _rows(n_seeds: int) -> list[dict]:
+    vals = {"ce": [84.0, 84.5], "topkd": [86.0, 86.6]}
+    rows = []
+    for m, v in vals.items():
+        v = v[:n_seeds]
+        mean = float(np.mean(v))
+        std = float(np.std(v, ddof=1)) if n_seeds > 1 else 0.0
+        rows.append({"method": m, "label": demo.LABELS[m], "seeds": n_seeds,
+                     "test_at_best_val": mean, "test_at_best_val_std": std,
+                     "test_at_best_val_values": v, "last_test": mean, "last_test_std": std,
+                     "best_val": mean, "best_val_std": std, "epoch_time_s": 1.0})
+    return rows
+
+
+def test_table_shows_one_seed_as_a_value_and_no_timing():
+    one = demo.format_table(_rows(1), teacher_acc=90.0)
+    assert "±" not in one and "| CE only | 1 | 84.00 | 84.00 | 84.00 |" in one
+    assert "s / epoch" not in one and "epoch_time" not in one  # timing measured machine load
+    two = demo.format_table(_rows(2))
+    assert "| TopKD | 2 | 86.30 ± 0.42 |" in two
+
+
+@pytest.mark.parametrize("n_seeds", [1, 2])
+def test_accuracy_plot_is_a_dot_plot_with_error_bars_over_seeds(tmp_path, monkeypatch, n_seeds):
+    from matplotlib.figure import Figure
+
+    from topkd import plots
+
+    figs: list[Figure] = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda f, *a, **k: (figs.append(f), real(f, *a, **k)))
+    plots.accuracy_bars(_rows(n_seeds), tmp_path / "acc.png", teacher_acc=90.0)
+    (ax,) = figs[0].axes
+    assert not ax.patches  # no bars: a zoomed axis must not suggest length ratios
+    caps = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(caps) == 2
+    assert all(bool(c.has_yerr) == (n_seeds > 1) for c in caps)
+    assert ("one seed" in ax.get_title()) == (n_seeds == 1)
+
+
+def test_progress_without_a_terminal_prints_periodic_lines_with_eta(capsys):
+    """Output to a log file or pipe (as under pytest): no bar, so periodic lines with the share
+    done, elapsed time and ETA, and the engine's per-epoch lines (lines=True)."""
+    prog = demo._Progress(total=200, enabled=True, interval=0.0)
+    assert prog.bar is None and prog.lines
+    prog.update(50)
+    prog.update(50)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("[demo] progress 25% (50/200 images), elapsed ")
+    assert out[1].startswith("[demo] progress 50% (100/200 images)") and ", ETA " in out[1]
+    assert [demo._duration(t) for t in (5, 65, 3 * 3600 + 125, float("nan"))] == \
+        ["5s", "1m05s", "3h02m", "?"]
+    quiet = demo._Progress(total=200, enabled=False, interval=0.0)  # --no-progress
+    quiet.update(100)
+    assert not quiet.lines and capsys.readouterr().out == ""

@@ -121,7 +121,8 @@ def test_distill_from_last_pt_and_errors(teacher_run, tmp_path):
         Trainer(bad, "distill")
     bad = tiny_config(tmp_path, method={"name": "kd"},
                       teacher={"name": "test_tinynet", "checkpoint": str(tmp_path / "x.pt")})
-    with pytest.raises(ConfigError, match="teacher.checkpoint not found"):
+    with pytest.raises(ConfigError, match=r"teacher.checkpoint not found: .*x\.pt \(train the "
+                                          r"teacher first, or .* teacher\.checkpoint=PATH\)"):
         Trainer(bad, "distill")
     with pytest.raises(ConfigError, match="model: unknown model 'nonet'"):
         Trainer(tiny_config(tmp_path, model={"name": "nonet"}), "train")
@@ -325,3 +326,105 @@ def test_engine_gives_methods_the_feature_taps_they_ask_for(tmp_path):
         assert float(read_metrics(cfg.run_dir)[0]["train_loss"]) > 0
     finally:
         METHODS._items.pop("test_tapmse", None)
+
+def test_best_pt_selection_val_test_or_none(tmp_path, capsys):
+    """best.pt follows train.best_on: the best-val epoch (auto with a val split), the best-test
+    epoch only when asked (labelled an oracle), and no best.pt at all without a val split."""
+    sections = {"train": {"epochs": 3}, "optim": {"lr": 0.2}}
+    runs = {}
+    for name, extra in (("auto_val", {"data": {"val_fraction": 0.25}}),
+                        ("oracle", {"data": {"val_fraction": 0.25},
+                                    "train": {"best_on": "test"}}),
+                        ("no_val", {})):
+        cfg = tiny_config(tmp_path, name=name, **{k: {**sections.get(k, {}), **extra.get(k, {})}
+                                                  for k in {*sections, *extra}})
+        runs[name] = (cfg, Trainer(cfg, "train").fit())
+    cfg, s = runs["auto_val"]
+    meta = load_weights(create_model("test_tinynet", 100), cfg.run_dir / "checkpoints/best.pt",
+                        verbose=False).meta
+    assert s["best_on"] == "val" and meta["selected_on"] == "val"
+    assert meta["epoch"] == s["best_val_epoch"]
+    cfg, s = runs["oracle"]
+    meta = load_weights(create_model("test_tinynet", 100), cfg.run_dir / "checkpoints/best.pt",
+                        verbose=False).meta
+    assert s["best_on"] == "test" and meta["selected_on"] == "test (oracle)"
+    assert meta["epoch"] == s["best_test_epoch"]
+    assert s["test_acc1_at_best_val"] is not None  # the honest number is still reported
+    cfg, s = runs["no_val"]
+    assert s["best_on"] is None and s["test_acc1_at_best_val"] is None
+    assert not (cfg.run_dir / "checkpoints/best.pt").exists()
+    assert "no validation split (data.val_fraction=0): no best.pt" in capsys.readouterr().out
+
+
+def test_teacher_cache_refuses_data_options_it_would_ignore(teacher_run, tmp_path):
+    """With train.teacher_cache the cache's replayed augmentation and normalisation feed the
+    student: data.augment and the normalisation options must agree with it, or it is an error
+    (they used to be ignored silently)."""
+    from topkd.cache import ReplayableCropFlip, build_cache
+    from topkd.checkpoints import load_teacher
+    from topkd.data import get_dataset
+
+    tmp, tcfg, _ = teacher_run
+    ckpt = str(tcfg.run_dir / "checkpoints/best.pt")
+    teacher_sec = {"name": "test_tinynet", "kwargs": {"width": 16}, "checkpoint": ckpt}
+    teacher = load_teacher("test_tinynet", 100, ckpt, verbose=False, width=16)
+    train = get_dataset("cifar100", tmp / "data", "train", augment=False)
+    caches = {aug: build_cache(teacher, train, tmp_path / f"cache_{aug}", views=2 if aug else 1,
+                               augment=ReplayableCropFlip(padding=4) if aug else None,
+                               progress=False, teacher_name="test_tinynet", checkpoint=ckpt,
+                               dataset_name="cifar100")
+              for aug in (True, False)}
+
+    def trainer(aug_cache: bool, **data):
+        cfg = tiny_config(tmp_path, method={"name": "kd"}, teacher=teacher_sec, data=data,
+                          train={"teacher_cache": str(caches[aug_cache]), "epochs": 1})
+        return Trainer(cfg, "distill")
+
+    assert trainer(True, augment=True).uses_cache  # crop(32, pad 4) + flip: what it replays
+    assert trainer(False, augment=False).uses_cache
+    with pytest.raises(ConfigError, match=r"data.augment=false, but the cache replays augmented"):
+        trainer(True, augment=False)
+    with pytest.raises(ConfigError, match=r"augmentation .*RandomCrop.* would not be applied"):
+        trainer(False, augment=True)
+    with pytest.raises(ConfigError, match=r"normalises with mean \[0.5, 0.5, 0.5\].*the cache "):
+        trainer(False, augment=False, kwargs={"mean": [0.5] * 3, "std": [0.5] * 3})
+    with pytest.raises(ConfigError, match=r"not normalised .*normalize=false"):
+        trainer(False, augment=False, kwargs={"normalize": False})
+
+
+def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
+    """No TTY (a log file): a progress line within the epoch (step, loss, ETA), so that a long
+    epoch does not look like a hang; none with quiet=True."""
+    import topkd.engine.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "PROGRESS_LINE_EVERY_S", 0.0)
+    cfg = tiny_config(tmp_path, train={"epochs": 1, "log_every": 1})
+    Trainer(cfg, "train").fit()
+    out = capsys.readouterr().out
+    assert "[tiny seed 0] epoch 1/1 step 1/2 loss " in out and "epoch ETA" in out
+    Trainer(cfg, "train", run_dir=tmp_path / "q", quiet=True).fit()
+    assert "step 1/2" not in capsys.readouterr().out
+
+
+def test_out_of_range_training_labels_are_a_config_error(tmp_path):
+    """The step has no per-step label check (no host sync): the engine checks labels once at
+    start, so a -100 of a user's dataset is not silently dropped by cross-entropy. (The readers
+    of the official formats already refuse such files.)"""
+    from torch.utils.data import Subset
+
+    from topkd.engine.data import check_labels
+
+    class Labelled(torch.utils.data.Dataset):
+        def __init__(self, targets):
+            self.targets = targets
+
+        def __len__(self):
+            return len(self.targets)
+
+    check_labels(Subset(Labelled([0, 5, 9]), [0, 2]), 10, "mine")
+    with pytest.raises(ConfigError, match=r"mine: labels must be in \[0, 10\), found -100 "
+                                          r"\(.*method.ignore_index"):
+        check_labels(Subset(Labelled([0, -100, 9]), [1, 2]), 10, "mine")
+    with pytest.raises(ConfigError, match=r"found 10$"):
+        check_labels(Labelled([0, 10]), 10, "mine")
+    check_labels(Subset(Labelled([0, -100, 9]), [0, 2]), 10, "mine")  # only the used samples

@@ -40,17 +40,34 @@ class TinyNet(ClassifierModel):
         return self.fc
 
 
+class TinyBNNet(TinyNet):
+    """TinyNet with a BatchNorm after the conv: running statistics that differ per DDP rank."""
+
+    def __init__(self, num_classes: int = 100, width: int = 8) -> None:
+        super().__init__(num_classes, width)
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+
+
+TEST_MODELS = {"test_tinynet": TinyNet, "test_bnnet": TinyBNNet}
+
+
 def register_tinynet() -> None:
-    """Register ``test_tinynet`` (idempotent). Subprocess scripts call this explicitly."""
-    if "test_tinynet" not in factory.MODELS:
-        register_model("test_tinynet")(lambda num_classes=100, **kw: TinyNet(num_classes, **kw))
+    """Register ``test_tinynet`` and ``test_bnnet`` (idempotent). Subprocess scripts call this
+    explicitly."""
+    for name, cls in TEST_MODELS.items():
+        if name not in factory.MODELS:
+            register_model(name)(lambda num_classes=100, cls=cls, **kw: cls(num_classes, **kw))
 
 
 def unregister_tinynet() -> None:
     # Other test modules pin the exact list of registered models: leave no trace.
-    factory.MODELS._items.pop("test_tinynet", None)
-    factory._INFO.pop("test_tinynet", None)
-    factory._CANONICAL.pop("test_tinynet", None)
+    for name in TEST_MODELS:
+        factory.MODELS._items.pop(name, None)
+        factory._INFO.pop(name, None)
+        factory._CANONICAL.pop(name, None)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -52,3 +52,44 @@ def test_shard_sampler_counts_every_sample_once():
     assert per_rank_batch(64, 4, "data.batch_size") == 16
     with pytest.raises(ConfigError, match="data.batch_size=64 is not divisible by the 3 DDP"):
         per_rank_batch(64, 3, "data.batch_size")
+
+
+def test_writable_dir_problem(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from topkd.utils.io import writable_dir_problem
+
+    assert writable_dir_problem(tmp_path / "a/b") is None and (tmp_path / "a/b").is_dir()
+    assert list((tmp_path / "a/b").iterdir()) == []  # the probe file is gone
+    (tmp_path / "f").write_text("x")
+    assert writable_dir_problem(tmp_path / "f/sub") == f"{tmp_path / 'f'} exists and is not a " \
+        "directory"
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)  # tests run as root: simulate chmod
+    assert writable_dir_problem(tmp_path / "c") == "Permission denied"
+
+
+def test_demo_checks_its_output_dir_first(tmp_path, capsys):
+    from topkd import cli
+
+    (tmp_path / "blocker").write_text("x")
+    assert cli.main(["demo", "--output-dir", str(tmp_path / "blocker"), "--data-root",
+                     str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "exists and is not a directory" in err
+    assert "Traceback" not in err
+
+
+def test_gpu_index_under_ddp_is_an_error_not_silently_replaced(monkeypatch):
+    from topkd.utils.dist import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"train.device='cuda:1' under DDP \(2 processes\): each "
+                                         r"process uses cuda:\$LOCAL_RANK; set train.device=cuda"):
+        init_distributed("cuda:1")

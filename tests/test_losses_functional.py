@@ -315,6 +315,39 @@ def test_bad_inputs_raise():
         L.kd_loss(s, t[:, :9], validate=False)
 
 
+def test_negative_label_points_to_ignore_index():
+    s, t, y = make(4, 10)
+    y[1] = -100
+    with pytest.raises(ValueError, match=r"e\.g\. -100; if -100 marks rows to skip, pass "
+                                         r"ignore_index=-100 \(in a config: method.ignore_index"):
+        L.dkd_loss(s, t, y)
+    with pytest.raises(ValueError, match=r"e\.g\. 10$"):  # too large: no such hint
+        L.dkd_loss(s, t, y.clamp_min(0).index_fill(0, torch.tensor([2]), 10))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda s, t, y: L.dkd_loss(s, t, y, alpha=-1.0), "dkd_loss: alpha"),
+    (lambda s, t, y: L.dkd_loss(s, t, y, beta=-8.0), "dkd_loss: beta"),
+    (lambda s, t, y: L.tdl_loss(s, t, 2, alpha=-1.0), "tdl_loss: alpha"),
+    (lambda s, t, y: L.tdl_loss(s, t, 2, beta=-1.0), "tdl_loss: beta"),
+    (lambda s, t, y: L.topkd_loss(s, t, y, k=2, w_tdl=-1.0), "topkd_loss: w_tdl"),
+    (lambda s, t, y: L.topkd_loss(s, t, y, k=2, w_con=-0.5), "topkd_loss: w_con"),
+    (lambda s, t, y: L.topkd_loss(s, t, y, k=2, alpha=-1.0), "topkd_loss: alpha"),
+    (lambda s, t, y: L.topkd_loss(s, t, y, k=2, beta=-1.0), "topkd_loss: beta"),
+    (lambda s, t, y: L.DKDLoss(alpha=-1.0), "DKDLoss: alpha"),
+    (lambda s, t, y: L.TDLLoss(beta=-1.0), "TDLLoss: beta"),
+    (lambda s, t, y: L.TopKDLoss(w_tdl=-1.0), "TopKDLoss: w_tdl"),
+])
+def test_negative_weights_are_rejected(call, name):
+    """The functional losses and modules accept exactly the weights the criterion accepts
+    (>= 0): a negative weight would silently turn a distance into a reward."""
+    s, t, y = make(4, 10)
+    with pytest.raises(ValueError, match=rf"{name} must be a number >= 0, got -"):
+        call(s, t, y)
+    # a weight of 0 stays valid (it switches a term off)
+    assert torch.isfinite(L.topkd_loss(s, t, y, k=2, w_con=0.0, alpha=0.0))
+
+
 # ---------------------------------------------------------- leading dims, ignore, dtypes, edges
 def test_leading_dims_and_ignore_index_equal_flat_filtered():
     g = torch.Generator().manual_seed(12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +388,53 @@ def test_register_custom_model(monkeypatch):
     assert list_models() == ["broken", "tiny_mlp"]
     with pytest.raises(TypeError, match="model contract"):
         create_model("broken", 10)
+
+
+def _mdistiller_vgg_logits(m, x: torch.Tensor) -> torch.Tensor:
+    """mdistiller/models/cifar/vgg.py ``VGG.forward`` transcribed line by line (commit
+    e8c5bb331e78c9d79a8894ca233caae78531cf7f), on our module names (identical to its own)."""
+    import torch.nn.functional as F
+
+    h = x.shape[2]
+    x = F.relu(m.block0(x))
+    x = m.pool0(x)
+    x = F.relu(m.block1(x))
+    x = m.pool1(x)
+    x = F.relu(m.block2(x))
+    x = m.pool2(x)
+    x = F.relu(m.block3(x))
+    if h == 64:
+        x = m.pool3(x)
+    x = F.relu(m.block4(x))
+    x = nn.AdaptiveAvgPool2d((1, 1))(x)
+    return m.classifier(x.reshape(x.size(0), -1))
+
+
+@pytest.mark.parametrize("side", [28, 32, 64, 96])
+def test_vgg_fourth_pool_only_at_64px_as_mdistiller(side: int):
+    """The fourth max-pool runs only at exactly 64 px (mdistiller): at 96 px (STL-10) the last
+    block stays 12x12 and the logits equal the reference's, not a pooled-again variant."""
+    torch.manual_seed(0)
+    m = create_model("vgg8", 10).eval()
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _mdistiller_vgg_logits(m, x), rtol=0, atol=0)
+
+
+def test_wrn_updates_each_batchnorm_once_per_step():
+    """Documented difference (docs/models.md): mdistiller's WRN forward runs three BatchNorms a
+    second time for its feature dict, so their running stats get two EMA updates per step; ours
+    get one, like every other BatchNorm."""
+    torch.manual_seed(0)
+    m = create_model("wrn_16_1", 10).train()
+    bn = m.block2.layer[0].bn1
+    seen = []
+    bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    m(torch.randn(4, 3, 32, 32))
+    counts = {n: int(b.num_batches_tracked) for n, b in m.named_modules()
+              if isinstance(b, nn.BatchNorm2d)}
+    assert set(counts.values()) == {1}, counts
+    (inp,) = seen
+    # one momentum-0.1 update from the initial running mean 0 (mdistiller: two updates)
+    torch.testing.assert_close(bn.running_mean, 0.1 * inp.mean(dim=(0, 2, 3)))
+    assert "twice per step" in (Path(__file__).parents[1] / "docs/models.md").read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from topkd import report
+from topkd import cli, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -205,7 +205,6 @@ def test_method_label(loss, label):
 
 
 def test_topkd_cli_dispatches_to_report(runs, capsys):
-    cli = pytest.importorskip("topkd.cli", reason="topkd.cli not there yet")
     assert cli.main(["report", str(runs["kd"]), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert rows[0]["name"] == runs["kd"].name and rows[0]["n"] == "3"
@@ -232,3 +231,29 @@ def test_pivot_table_rows_methods_columns_pairs(tmp_path, capsys):
     assert pivot[5] == "| topkd | 72.50 ± 0.71 | 62.50 ± 0.71 |"
     with pytest.raises(ValueError, match="unknown metric"):
         report.format_pivot([], "nope")
+
+
+def test_plots_show_single_epoch_runs_with_integer_epoch_ticks(tmp_path, monkeypatch):
+    """A one-epoch run is a single point: it needs a marker to be visible, and the epoch axis
+    must not get fractional ticks (0.96, 0.98, 1.00, ...)."""
+    from matplotlib.figure import Figure
+
+    run = make_run(tmp_path / "one", "one", 0, 70.0, 69.0, 69.0, 70.0, epochs=1)
+    figures: list[Figure] = []
+    real = Figure.savefig
+
+    def keep(fig, *a, **k):
+        figures.append(fig)
+        return real(fig, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    report.write_plots([report.read_run(run)], tmp_path / "plots")
+    assert len(figures) == 3
+    for fig in figures:
+        for ax in fig.axes:
+            lines = ax.get_lines()
+            assert lines
+            for line in lines:
+                assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "", "None")
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -107,7 +107,14 @@ def test_killed_subprocess_resumes_bit_exact(tmp_path):
         return subprocess.run([sys.executable, str(script), "train", str(cfg_path), *args],
                               env=e, capture_output=True, text=True, timeout=300)
 
-    Trainer(tiny_config(tmp_path, name="ref", **SECTIONS), "train").fit()  # in-process: faster
+    # In-process (faster), with the subprocesses' single thread: CPU kernels may reduce in
+    # another order with more threads, which is not what this test is about.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(tiny_config(tmp_path, name="ref", **SECTIONS), "train").fit()
+    finally:
+        torch.set_num_threads(threads)
     killed = run("name=cut", kill=True)
     assert killed.returncode == -9, killed.stderr
     cut_dir = tmp_path / "runs" / "cut"
@@ -142,3 +149,45 @@ def test_resume_with_dataloader_workers_is_bit_exact(tmp_path):
     torch.manual_seed(99)
     Trainer(cut, "train", resume="auto").fit()
     _assert_same_state(ref.run_dir / "checkpoints/last.pt", cut.run_dir / "checkpoints/last.pt")
+
+
+def test_torn_last_pt_falls_back_to_the_previous_epoch_bit_exact(tmp_path):
+    """A damaged last.pt (partial copy/sync) resumes from last.prev.pt, the previous epoch's
+    state, and still ends bit-identical to an uninterrupted run: never from scratch."""
+    ref = tiny_config(tmp_path, name="ref", **SECTIONS)
+    Trainer(ref, "train").fit()
+    cut = tiny_config(tmp_path, name="cut", **SECTIONS)
+    Trainer(cut, "train").fit(max_epochs=3)
+    ckpts = cut.run_dir / "checkpoints"
+    assert torch.load(ckpts / "last.prev.pt", weights_only=True)["epoch"] == 2
+    data = (ckpts / "last.pt").read_bytes()
+    (ckpts / "last.pt").write_bytes(data[: len(data) // 3])
+    with pytest.warns(UserWarning, match=r"last\.pt is truncated or corrupt.*previous epoch's "
+                                         r"checkpoint .*last\.prev\.pt"):
+        tr = Trainer(cut, "train", resume="auto")
+    assert tr.start_epoch == 3 and tr.resumed_from == ckpts / "last.prev.pt"
+    tr.fit()
+    _assert_same_state(ref.run_dir / "checkpoints/last.pt", ckpts / "last.pt")
+    assert _strip(read_metrics(cut.run_dir)) == _strip(read_metrics(ref.run_dir))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_torn_last_pt_without_previous_stops_with_one_line(tmp_path, capsys, damage):
+    from topkd import cli
+
+    make_cifar100(tmp_path / "data")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_dict(tmp_path, name="t", train={"epochs": 2})))
+    assert cli.main(["train", str(cfg_path), "train.epochs=1"]) == 0
+    last = tmp_path / "runs/t/checkpoints/last.pt"
+    assert not last.with_name("last.prev.pt").exists()  # one epoch: nothing to fall back to
+    data = last.read_bytes()
+    last.write_bytes({"empty": b"", "truncated": data[:-20], "random": os.urandom(500)}[damage])
+    capsys.readouterr()
+    assert cli.main(["train", str(cfg_path), "--resume"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("topkd: error: cannot resume: ") and "last.pt is truncated or corrupt" \
+        in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "epoch 1/2" not in out  # nothing trained from scratch
+    assert [r["epoch"] for r in read_metrics(tmp_path / "runs/t")] == ["1"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from topkd import transfer
+from topkd import cli, transfer
 
 # Ten well-separated colours: class c's images are this colour plus a little noise, so the
 # classes are linearly separable in the features of any reasonable (even random) network.
@@ -154,7 +154,6 @@ def test_cli_errors_are_clean(tmp_path, student_ckpt, capsys):
 
 
 def test_topkd_cli_dispatches_to_transfer(stl_root, capsys):
-    cli = pytest.importorskip("topkd.cli", reason="topkd.cli not there yet")
     argv = ["transfer", "--model", "resnet8", "--random-init", "--dataset", "stl10",
             "--data-root", str(stl_root), "--epochs", "2", "--num-workers", "0",
             "--device", "cpu"]

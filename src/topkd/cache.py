@@ -71,6 +71,7 @@ __all__ = [
     "bytes_per_sample",
     "file_sha256",
     "resolve_arrays",
+    "transform_mismatch",
     "wrap_dataset",
 ]
 
@@ -598,6 +599,58 @@ class CachedLogitDataset(Dataset):
             yield self.batch(order[s:s + batch_size])
 
 
+def transform_mismatch(cache: TeacherLogitCache, transform: Any) -> str | None:
+    """Why the cache's replayed augmentation and normalisation differ from ``transform``.
+
+    ``transform`` is a topkd.data training transform (``T.Compose`` of geometry ops, the
+    ``uint8 -> float`` conversion and ``Normalize``). Returns ``None`` when the cache produces
+    exactly what ``transform`` would (same augmentation family and parameters, same mean/std),
+    else a one-line reason naming the config key to change. Foreign transforms (not a
+    ``Compose``) are not checked.
+    """
+    import torchvision.transforms as T
+
+    if transform is not None and not isinstance(transform, T.Compose):
+        return None
+    ops = list(transform.transforms) if transform is not None else []
+    norm = [op for op in ops if isinstance(op, T.Normalize)]
+    geometry = [op for op in ops if not isinstance(op, (T.Normalize, T.PILToTensor, T.ToTensor))
+                and type(op).__name__ != "ToFloat"]
+    aug = cache.augment
+    cached = ("no augmentation" if aug is None else
+              f"RandomCrop(padding {aug.padding}){' + HFlip' if aug.flip else ''}")
+    if geometry and aug is None:
+        return (f"the dataset's training augmentation ({', '.join(map(repr, geometry))}) would "
+                "not be applied: the cache was built without augmentation (one view). Set "
+                "data.augment=false, or build an augmented cache")
+    if aug is not None and not geometry:
+        return (f"data.augment=false, but the cache replays augmented views ({cached}): set "
+                "data.augment=true, or build the cache without augmentation (--no-augment)")
+    if aug is not None:
+        crop, flip = geometry[0], geometry[1:]
+        same = (isinstance(crop, T.RandomCrop) and crop.padding in (aug.padding, [aug.padding])
+                and crop.fill == aug.fill and crop.padding_mode == "constant"
+                and len(flip) == int(aug.flip)
+                and all(isinstance(f, T.RandomHorizontalFlip) and f.p == 0.5 for f in flip))
+        if not same:
+            return (f"the cache replays {cached}, but this dataset's training augmentation is "
+                    f"{', '.join(map(repr, geometry))}: the student would not see the images "
+                    "the teacher was trained on. Train online (no train.teacher_cache), or set "
+                    "data.augment=false with a cache built without augmentation")
+    h_mean, h_std = cache.header["mean"], cache.header["std"]
+    if not norm:
+        return (f"the dataset is not normalised (normalize=false in data.kwargs?), but the cache "
+                f"normalises with mean {h_mean}, std {h_std}")
+    mean, std = list(norm[-1].mean), list(norm[-1].std)
+    if len(mean) == 1 and len(h_mean) > 1:
+        mean, std = mean * len(h_mean), std * len(h_std)
+    if not (np.allclose(mean, h_mean, rtol=0, atol=1e-6)
+            and np.allclose(std, h_std, rtol=0, atol=1e-6)):
+        return (f"the dataset normalises with mean {mean}, std {std} (data.kwargs), the cache with "
+                f"mean {h_mean}, std {h_std}: rebuild the cache with the same statistics")
+    return None
+
+
 def wrap_dataset(
     train_dataset: Dataset,
     cache_path: str | Path,
@@ -606,17 +659,23 @@ def wrap_dataset(
     teacher_name: str | None = None,
     checkpoint: str | Path | None = None,
     dataset_name: str | None = None,
+    match_transform: bool = False,
 ) -> CachedLogitDataset:
     """Wrap ``train_dataset`` so that items are ``(x, y, teacher_logits_dense_float32)``.
 
     See the module docstring for the engine contract. ``teacher_name``/``checkpoint``/
     ``dataset_name`` (when given) must match the cache header; the fingerprint of the cached
     images and labels is always checked. The augmentation is the cache's (replayed per view);
-    a cache built with ``augment=None`` yields un-augmented images.
+    a cache built with ``augment=None`` yields un-augmented images. With
+    ``match_transform=True`` (the engine's setting) the base dataset's own training transform
+    must be what the cache replays (augmentation and normalisation, :func:`transform_mismatch`),
+    so that no data option is silently replaced; otherwise it is simply ignored.
     """
     cache = TeacherLogitCache.open(cache_path)
     cache.check(teacher_name=teacher_name, checkpoint=checkpoint, dataset=dataset_name)
     base, indices = resolve_arrays(train_dataset)
+    if match_transform and (why := transform_mismatch(cache, getattr(base, "transform", None))):
+        raise CacheMismatchError(why)
     images = _images_nchw(base.data)
     if list(images.shape[1:]) != list(cache.header["image_shape"]):
         raise CacheMismatchError(

@@ -35,12 +35,14 @@ from torch import nn
 __all__ = [
     "FORMAT",
     "CheckpointMismatchError",
+    "CorruptCheckpointError",
     "LoadResult",
     "UnsafeCheckpointError",
     "extract_state_dict",
     "load_state_dict_file",
     "load_teacher",
     "load_weights",
+    "read_torch_file",
     "save_weights",
     "sha256_file",
 ]
@@ -55,6 +57,15 @@ _MAX_LISTED = 25
 
 class UnsafeCheckpointError(RuntimeError):
     """The file can only be read by unpickling arbitrary Python objects; topkd refuses."""
+
+
+#: Last line of a strict-load mismatch message; front-ends replace it with their own option.
+STRICT_HINT = ("  (is it the right architecture / num_classes? pass strict=False to load the "
+               "matching tensors only)")
+
+
+class CorruptCheckpointError(ValueError):
+    """The file is empty, truncated or not a checkpoint at all (random bytes, text...)."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -143,28 +154,40 @@ def _strip_prefix(
     return sd, None
 
 
-def load_state_dict_file(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> tuple[Any, dict[str, Any]]:
-    """Read a weights file safely. Returns ``(loaded_object, meta)``.
+def _corrupt(path: Path, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path} is truncated or corrupt ({why}): it cannot be read as a checkpoint. Was it "
+        "copied or written completely? Re-copy it, or use another checkpoint.")
 
-    ``.safetensors`` files are read with safetensors; everything else with
-    ``torch.load(weights_only=True)``.
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0].split(". ")[0][:120] if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def read_torch_file(path: str | os.PathLike[str],
+                    map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem.
+
+    Raises :class:`CorruptCheckpointError` for an empty, truncated or foreign file (torch itself
+    gives a bare ``EOFError``, an internal zip error, ``KeyError``/``IndexError`` or, for random
+    bytes, a misleading "re-run with weights_only=False" message) and
+    :class:`UnsafeCheckpointError` only for a well-formed file that needs arbitrary unpickling.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
-        meta = json.loads(raw_meta["topkd_meta"]) if "topkd_meta" in raw_meta else dict(raw_meta)
-        return load_file(str(path), device=str(map_location)), meta
+    if path.stat().st_size == 0:
+        raise _corrupt(path, "the file is empty, 0 bytes")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # weights_only's refusal of a real pickle names the global it refuses; anything else
+        # (e.g. "Unsupported operand") means the bytes are not a pickle stream at all.
+        if "Unsupported global" not in str(e):
+            raise _corrupt(path, "not a torch checkpoint: its bytes are no valid pickle or "
+                                 "zip stream") from None
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it contains pickled Python objects beyond tensors and "
             "plain containers, and unpickling them could run arbitrary code. topkd always uses "
@@ -173,6 +196,40 @@ def load_state_dict_file(
             "torch.save(torch.load(path, weights_only=False)['model'].state_dict(), 'clean.pt') "
             f"(adapt the key), and load that instead. Details: {e}"
         ) from e
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError,
+            AttributeError, UnicodeDecodeError, MemoryError) as e:
+        raise _corrupt(path, _first_line(e)) from None
+
+
+def load_state_dict_file(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[Any, dict[str, Any]]:
+    """Read a weights file safely. Returns ``(loaded_object, meta)``.
+
+    ``.safetensors`` files are read with safetensors; everything else with
+    ``torch.load(weights_only=True)`` (:func:`read_torch_file`). An empty, truncated or foreign
+    file raises :class:`CorruptCheckpointError` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = f.metadata() or {}
+            meta = json.loads(raw_meta["topkd_meta"]) if "topkd_meta" in raw_meta \
+                else dict(raw_meta)
+            return load_file(str(path), device=str(map_location)), meta
+        except PermissionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            raise _corrupt(path, _first_line(e)) from None
+    obj = read_torch_file(path, map_location)
     meta = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping):
         meta = dict(obj["meta"])
@@ -233,10 +290,7 @@ def load_weights(
         if mismatch:
             shown = [f"{k} checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatch]
             lines.append(f"  shape mismatch ({len(mismatch)}): {_fmt_keys(shown)}")
-        lines.append(
-            "  (is it the right architecture / num_classes? pass strict=False to load the "
-            "matching tensors only)"
-        )
+        lines.append(STRICT_HINT)
         raise CheckpointMismatchError("\n".join(lines), missing, unexpected, mismatch)
 
     bad = {k for k, _, _ in mismatch} | set(unexpected)

@@ -1,13 +1,6 @@
 """``topkd`` command line: train, distill, eval (+ transfer, report, demo from their modules).
 
-    topkd train   CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
-    topkd distill CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
-    topkd eval    CHECKPOINT [--config CFG | --model NAME --dataset NAME] [--json]
-    topkd methods [NAME]                     # distillation methods and their parameters
-    torchrun --nproc_per_node=N -m topkd distill CONFIG ...        # DDP
-
-Configuration and validation errors print one line and exit with status 2
-(set ``TOPKD_DEBUG=1`` for the traceback).
+The text shown by ``topkd --help`` is :data:`DESCRIPTION` (plain text, no markup).
 """
 
 from __future__ import annotations
@@ -24,6 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import topkd
+
+DESCRIPTION = """\
+topkd: knowledge distillation (TopKD, KD, DKD, LS, ...) from YAML configs.
+
+    topkd train   CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
+    topkd distill CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
+    topkd eval    CHECKPOINT [--config CFG | --model NAME --dataset NAME] [--json]
+    topkd methods [NAME]                     # distillation methods and their parameters
+    torchrun --nproc_per_node=N -m topkd distill CONFIG ...        # DDP
+
+Configuration and validation errors print one line and exit with status 2
+(set TOPKD_DEBUG=1 for the traceback).
+"""
 
 # Subcommands implemented in other modules, each exposing add_arguments(parser) and
 # run(args) -> int; imported only when selected so `topkd --help` stays fast and robust.
@@ -77,7 +83,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="weights file (run checkpoints embed their config)")
     p.add_argument("--config", default=None, help="config giving model and dataset")
     p.add_argument("--set", nargs="*", default=[], metavar="key.sub=value",
-                   help="overrides for --config")
+                   help="overrides for --config, or for the config the checkpoint embeds")
     p.add_argument("--model", default=None, help="model name (topkd.models / timm:<name>)")
     p.add_argument("--model-kwargs", default=None, metavar="YAML",
                    help="model kwargs as a YAML mapping, e.g. '{width: 16}'")
@@ -85,7 +91,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="dataset root folder")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loading processes (default: the config's data.num_workers, else "
+                        "4; at most the number of CPU cores)")
+    p.add_argument("--no-strict", action="store_true",
+                   help="load only the tensors whose names and shapes match the model (the rest "
+                        "is reported and keeps its initial values)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
 
@@ -96,7 +107,7 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="topkd", description=__doc__, formatter_class=fmt)
+    parser = argparse.ArgumentParser(prog="topkd", description=DESCRIPTION, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"topkd {topkd.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     knobs = _knobs()
@@ -128,6 +139,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             p.set_defaults(func=mod.run)
         except Exception as e:  # noqa: BLE001 - any import problem: report it cleanly
             err = f"'topkd {name}' is unavailable: cannot import {module} ({type(e).__name__}: {e})"
+            if isinstance(e, ModuleNotFoundError) and (missing := _missing_extra(e)):
+                err = f"'topkd {name}' is unavailable: {missing}"
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(func=lambda args, err=err: _fail(err))
     return parser
@@ -173,33 +186,65 @@ def _run_training(args: argparse.Namespace) -> int:
                                  argv=["topkd", *args.argv])
     finally:
         cleanup_distributed()
-    if int(os.environ.get("RANK", "0")) == 0 and summaries and summaries[-1]:
-        s = summaries[-1]
-        best = (f", test acc@1 at best val {s['test_acc1_at_best_val']:.2f}"
-                if s.get("test_acc1_at_best_val") is not None else "")
-        print(f"done: {cfg.run_dir} (last test acc@1 {s['last_test_acc1']:.2f}{best})")
+    if int(os.environ.get("RANK", "0")) == 0 and summaries and all(summaries):
+        print(f"done: {cfg.run_dir}: {_result_line(summaries)}")
     return 0
 
 
+def _result_line(summaries: list[dict[str, Any]]) -> str:
+    """The honest number first: test acc@1 at the best-val epoch (mean ± std over seeds)."""
+    from topkd.engine.summary import format_mean_std
+
+    def stat(key: str) -> str:
+        return format_mean_std([float(s[key]) for s in summaries])
+
+    seeds = f" over {len(summaries)} seeds" if len(summaries) > 1 else ""
+    if all(s.get("test_acc1_at_best_val") is not None for s in summaries):
+        epochs = ", ".join(str(s["best_val_epoch"]) for s in summaries)
+        out = (f"test acc@1 {stat('test_acc1_at_best_val')} at the best-val epoch{seeds} "
+               f"(epoch {epochs}; last epoch {stat('last_test_acc1')})")
+    else:
+        out = f"last-epoch test acc@1 {stat('last_test_acc1')}{seeds} (no validation split)"
+    if any(s.get("best_on") == "test" for s in summaries):
+        out += (f"; best.pt picked on TEST (train.best_on=test, an oracle): "
+                f"{stat('best_test_acc1')}")
+    return out
+
+
 def _embedded_config(path: Path) -> dict[str, Any] | None:
-    import torch
+    """The config a topkd checkpoint embeds (``None`` for foreign files).
+
+    An empty, truncated or foreign file raises ``CorruptCheckpointError`` naming it, before
+    any dataset or model is built.
+    """
+    from topkd.checkpoints import UnsafeCheckpointError, load_state_dict_file
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - safetensors / foreign files: no embedded config
+        obj, meta = load_state_dict_file(path)
+    except UnsafeCheckpointError:  # reported with its advice by load_weights
         return None
-    if not isinstance(obj, dict):
-        return None
-    cfg = obj.get("config") or (obj.get("meta") or {}).get("config")
+    cfg = (obj.get("config") if isinstance(obj, dict) else None) or meta.get("config")
     return cfg if isinstance(cfg, dict) else None
+
+
+def eval_workers(requested: int | None, cfg: Any | None) -> int:
+    """``--num-workers``, else the config's ``data.num_workers``, else 4; never more processes
+    than CPU cores (extra workers only compete for them)."""
+    n = requested if requested is not None else (cfg.data.num_workers if cfg else 4)
+    return max(0, min(n, os.cpu_count() or 1))
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     import yaml
     from torch.utils.data import DataLoader
 
-    from topkd.checkpoints import CheckpointMismatchError, UnsafeCheckpointError, load_weights
-    from topkd.config import Config, ConfigError, load_config
+    from topkd.checkpoints import (
+        STRICT_HINT,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+        load_weights,
+    )
+    from topkd.config import Config, ConfigError, apply_override, load_config
     from topkd.data import get_dataset
     from topkd.engine.evaluate import evaluate
     from topkd.models import create_model
@@ -212,7 +257,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, args.set)
     elif (emb := _embedded_config(ckpt)) is not None:
+        for ov in args.set:  # --set applies to the checkpoint's embedded config
+            apply_override(emb, ov)
         cfg = Config.from_dict(emb)
+    elif args.set:
+        raise ConfigError(f"--set {' '.join(args.set)}: there is no config to override ({ckpt} "
+                          "embeds none): pass --config CFG, or --model/--dataset/--data-root")
     model_name = args.model or (cfg.model.name if cfg else None)
     dataset = args.dataset or (cfg.data.name if cfg else None)
     if not model_name or not dataset:
@@ -233,11 +283,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     try:
-        load_weights(model, ckpt, verbose=not args.json)
-    except (CheckpointMismatchError, UnsafeCheckpointError) as e:
+        load_weights(model, ckpt, strict=not args.no_strict, verbose=not args.json)
+    except CheckpointMismatchError as e:
+        raise ConfigError(str(e).replace(STRICT_HINT, "  (is it the right architecture / "
+                          "num_classes? --no-strict loads the matching tensors only)")) from None
+    except UnsafeCheckpointError as e:
         raise ConfigError(str(e)) from None
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=eval_workers(args.num_workers, cfg),
+                        pin_memory=device.type == "cuda")
     res = evaluate(model.to(device), loader, device)
     out = {"checkpoint": str(ckpt), "model": model_name, "dataset": dataset,
            "split": args.split, "acc1": res["acc1"], "acc5": res["acc5"], "loss": res["loss"],
@@ -272,22 +326,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
-    from topkd.config import ConfigError
-    from topkd.data import DatasetNotFoundError
-    from topkd.engine.trainer import NonFiniteLossError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetNotFoundError) as e:
-        if os.environ.get("TOPKD_DEBUG"):
-            raise
-        return _fail(str(e))
-    except NonFiniteLossError as e:
-        if os.environ.get("TOPKD_DEBUG"):
-            raise
-        return _fail(f"training stopped: {e}", 1)
     except KeyboardInterrupt:
+        if getattr(args, "func", None) is _run_training:
+            return _fail("interrupted; checkpoints/last.pt holds the last finished epoch: run the "
+                         "same command with --resume to continue", 130)
         return _fail("interrupted", 130)
+    except ModuleNotFoundError as e:
+        if (missing := _missing_extra(e)) is None or os.environ.get("TOPKD_DEBUG"):
+            raise
+        return _fail(missing)
+    except Exception as e:
+        if os.environ.get("TOPKD_DEBUG"):
+            raise
+        if isinstance(e, _loaded(("topkd.engine.trainer", "NonFiniteLossError"))):
+            return _fail(f"training stopped: {e}", 1)
+        if isinstance(e, _loaded(*USER_ERRORS)):
+            return _fail(str(e))
+        raise
+
+
+# Errors printed as one line (exit status 2): bad configs, data, checkpoints.
+USER_ERRORS = (
+    ("topkd.config", "ConfigError"),
+    ("topkd.data.errors", "DatasetNotFoundError"),
+    ("topkd.checkpoints", "CorruptCheckpointError"),
+    ("topkd.checkpoints", "UnsafeCheckpointError"),
+    ("topkd.checkpoints", "CheckpointMismatchError"),
+)
+
+
+def _loaded(*names: tuple[str, str]) -> tuple[type, ...]:
+    """The named exception classes of modules already imported (a module never imported
+    cannot have raised; importing it here could fail without the optional extras)."""
+    return tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+
+
+def _extra_packages() -> dict[str, str]:
+    """Import name -> distribution of the ``train`` extra (what a plain install lacks)."""
+    return {"torchvision": "torchvision", "timm": "timm", "tqdm": "tqdm",
+            "tensorboard": "tensorboard", "matplotlib": "matplotlib",
+            "safetensors": "safetensors"}
+
+
+def _missing_extra(e: ModuleNotFoundError) -> str | None:
+    """One line for a missing optional dependency, ``None`` if ``e`` is something else."""
+    root = (e.name or "").split(".")[0]
+    dist = _extra_packages().get(root)
+    if dist is None:
+        return None
+    return (f"this command needs the optional dependency {dist!r}, which is not installed: "
+            "pip install 'topkd[train]'")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -130,6 +130,10 @@ class TrainConfig:
     # Not in the original schema sketch (added for the engine): resume + SyncBN.
     resume: str | None = None  # path to a checkpoint, or "auto" (RUN_DIR/checkpoints/last.pt)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    # Which split picks checkpoints/best.pt: "val" (held-out; needs data.val_fraction > 0),
+    # "test" (an oracle: labelled so in summary.json and best.pt) or "auto" (val when there is
+    # a val split, else no best.pt: the run's number is then its last epoch).
+    best_on: Literal["auto", "val", "test"] = "auto"
 
 
 @dataclass
@@ -425,6 +429,9 @@ def _check_ranges(cfg: Config) -> None:
     need(d.train_subset is None or d.train_subset >= 1, "data.train_subset",
          "null or an integer >= 1", d.train_subset)
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "a float in [0, 1)", d.val_fraction)
+    if t.best_on == "val" and d.val_fraction == 0:
+        raise ConfigError("train.best_on=val needs a validation split: set data.val_fraction > 0 "
+                          "(or train.best_on=auto: no best.pt without one)")
     need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     need(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every)
     need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,

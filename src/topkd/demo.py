@@ -117,20 +117,49 @@ def method_config(args: argparse.Namespace, method: str, seed: int,
 # --------------------------------------------------------------------------------------------
 # Progress
 # --------------------------------------------------------------------------------------------
-class _Progress:
-    """One bar over every image of every run on a terminal; plain per-run lines otherwise."""
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: nothing done yet
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
-    def __init__(self, total: int, enabled: bool) -> None:
+
+class _Progress:
+    """One bar over every image of every run on a terminal. Otherwise (a log file, a pipe, CI)
+    plain lines: each stage, each epoch (the engine's line: epoch, loss, accuracies) and, every
+    ``interval`` seconds, the overall share done with elapsed time and ETA, so a long stage
+    never looks like a hang."""
+
+    def __init__(self, total: int, enabled: bool, interval: float = 30.0) -> None:
         self.bar: Any = None
+        self.enabled, self.total, self.interval = enabled, max(total, 1), interval
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="img", unit_scale=True, dynamic_ncols=True,
                             smoothing=0.05)
 
+    @property
+    def lines(self) -> bool:
+        """Whether the engine should print its per-epoch lines (no bar to show progress)."""
+        return self.bar is None and self.enabled
+
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+            return
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.interval:
+            self.last = now
+            elapsed = now - self.t0
+            frac = min(self.done / self.total, 1.0)
+            eta = elapsed * (1 - frac) / frac if frac > 0 else float("nan")
+            print(f"[demo] progress {100 * frac:.0f}% ({self.done}/{self.total} images), "
+                  f"elapsed {_duration(elapsed)}, ETA {_duration(eta)}", flush=True)
 
     def stage(self, desc: str) -> None:
         if self.bar is not None:
@@ -158,13 +187,16 @@ def _finished(run_dir: Path, cfg: Any) -> bool:
     return (run_dir / "summary.json").is_file() and c.is_file() and c.read_text() == cfg.to_yaml()
 
 
-def run_engine(cfg: Any, mode: str, run_dir: Path, progress: Callable[[int], None]) -> dict:
-    """One engine run into ``run_dir`` (from scratch), returning its summary."""
+def run_engine(cfg: Any, mode: str, run_dir: Path, progress: Callable[[int], None],
+               quiet: bool = True) -> dict:
+    """One engine run into ``run_dir`` (from scratch), returning its summary.
+
+    ``quiet=False`` lets the engine print its per-epoch line (used when there is no bar)."""
     from topkd.engine import Trainer
 
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    summary = Trainer(cfg, mode, run_dir, resume=None, progress=progress, quiet=True,
+    summary = Trainer(cfg, mode, run_dir, resume=None, progress=progress, quiet=quiet,
                       argv=["topkd", "demo"]).fit()
     return dict(summary or {})
 
@@ -183,7 +215,7 @@ def get_teacher(args: argparse.Namespace, cache_dir: Path, prog: _Progress
         prog.update(_teacher_images(cfg))
     else:
         prog.stage(f"teacher {TEACHER}")
-        run_engine(cfg, "train", run_dir, prog.update)
+        run_engine(cfg, "train", run_dir, prog.update, quiet=not prog.lines)
     return cfg, ckpt, json.loads((run_dir / "summary.json").read_text())
 
 
@@ -261,7 +293,11 @@ def read_result(method: str, seed: int, run_dir: Path) -> RunResult:
 
 
 def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Per method: mean/std over seeds (``topkd.engine.summary.aggregate_runs``) + s/epoch."""
+    """Per method: mean/std over seeds (``topkd.engine.summary.aggregate_runs``).
+
+    ``epoch_time_s`` (mean wall time per epoch) is kept for ``results.json`` only: on a shared
+    CPU it measures the machine's load as much as the method, so the table does not show it.
+    """
     from topkd.engine.summary import aggregate_runs
 
     rows = []
@@ -273,6 +309,7 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
         rows.append({"method": m, "label": LABELS.get(m, m), "seeds": agg["n"],
                      "test_at_best_val": agg["test_acc1_at_best_val_mean"],
                      "test_at_best_val_std": agg["test_acc1_at_best_val_std"],
+                     "test_at_best_val_values": agg["test_acc1_at_best_val_values"],
                      "last_test": agg["last_test_acc1_mean"],
                      "last_test_std": agg["last_test_acc1_std"],
                      "best_val": agg["best_val_acc1_mean"],
@@ -281,17 +318,23 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(mean: float, std: float, n: int) -> str:
+    """``mean ± std`` over seeds; one seed is shown as its value (no invented ``± 0.00``)."""
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
 def format_table(rows: list[dict[str, Any]], teacher_acc: float | None = None) -> str:
-    """Markdown table of :func:`summarise` rows."""
-    out = ["| method | seeds | test top-1 @ best val | test top-1 @ last | best val | "
-           "s / epoch |", "| --- | --- | --- | --- | --- | --- |"]
+    """Markdown table of :func:`summarise` rows (test top-1 in %, mean ± std over seeds)."""
+    out = ["| method | seeds | test top-1 @ best val | test top-1 @ last | best val |",
+           "| --- | --- | --- | --- | --- |"]
     for r in rows:
+        n = r["seeds"]
         out.append(
-            f"| {r['label']} | {r['seeds']} | {r['test_at_best_val']:.2f} ± "
-            f"{r['test_at_best_val_std']:.2f} | {r['last_test']:.2f} ± {r['last_test_std']:.2f}"
-            f" | {r['best_val']:.2f} | {r['epoch_time_s']:.1f} |")
+            f"| {r['label']} | {n} | {_cell(r['test_at_best_val'], r['test_at_best_val_std'], n)}"
+            f" | {_cell(r['last_test'], r['last_test_std'], n)}"
+            f" | {_cell(r['best_val'], r['best_val_std'], n)} |")
     if teacher_acc is not None:
-        out.append(f"| *teacher ({TEACHER})* | - | {teacher_acc:.2f} | - | - | - |")
+        out.append(f"| *teacher ({TEACHER})* | 1 | {teacher_acc:.2f} | - | - |")
     return "\n".join(out)
 
 
@@ -384,7 +427,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    out.mkdir(parents=True, exist_ok=True)
+    from topkd.utils.io import writable_dir_problem
+
+    for d in (out, cache_dir):
+        if why := writable_dir_problem(d):
+            print(f"topkd demo: cannot write {d}: {why} (choose another --output-dir / "
+                  "--cache-dir)", file=sys.stderr)
+            return 2
     distilling = [m for m in methods if m != "ce"]
     try:
         t_cfg = teacher_config(args)
@@ -440,7 +489,8 @@ def run(args: argparse.Namespace) -> int:
                 log(f"[demo] reusing finished run {run_dir}")
                 prog.update(n_fit * args.epochs)
             else:
-                run_engine(cfg, "train" if m == "ce" else "distill", run_dir, prog.update)
+                run_engine(cfg, "train" if m == "ce" else "distill", run_dir, prog.update,
+                           quiet=not prog.lines)
             r = read_result(m, seed, run_dir)
             results.append(r)
             dirs.append(run_dir)

@@ -299,6 +299,7 @@ def write_plots(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +309,8 @@ def write_plots(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
 
     def save(fig: Figure, name: str) -> None:
+        for ax in fig.axes:  # epochs are integers (no 0.5 ticks on short runs)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         FigureCanvasAgg(fig)
         path = out / name
         fig.savefig(path, dpi=100)
@@ -322,7 +325,7 @@ def write_plots(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             if not xs:
                 continue
             label = f"{name} (n={len(group)})" if len(group) > 1 else name
-            (line,) = ax.plot(xs, means, label=label, linewidth=1.2)
+            (line,) = ax.plot(xs, means, label=label, linewidth=1.2, marker="o", markersize=3)
             if len(group) > 1:
                 ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
                                 [m + s for m, s in zip(means, stds)],
@@ -343,12 +346,12 @@ def write_plots(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             for key, style in (("test_acc1", "-"), ("val_acc1", "--")):
                 xs, ys = _series(r, key)
                 if xs:
-                    (line,) = acc.plot(xs, ys, style, color=color, linewidth=1.0,
-                                       label=f"{key.split('_')[0]} seed {seed}")
+                    (line,) = acc.plot(xs, ys, style, color=color, linewidth=1.0, marker="o",
+                                       markersize=3, label=f"{key.split('_')[0]} seed {seed}")
                     color = line.get_color()
             xs, ys = _series(r, "train_loss")
             if xs:
-                loss.plot(xs, ys, label=f"seed {seed}", linewidth=1.0)
+                loss.plot(xs, ys, label=f"seed {seed}", linewidth=1.0, marker="o", markersize=3)
         acc.set(title=f"{name}: accuracy", xlabel="epoch", ylabel="acc@1 (%)")
         loss.set(title=f"{name}: train loss", xlabel="epoch", ylabel="loss")
         for ax in (acc, loss):

@@ -214,7 +214,8 @@ def linear_probe(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``topkd transfer``."""
     g = parser.add_argument_group("student")
-    g.add_argument("--model", required=True, help="registered model name (topkd models list)")
+    g.add_argument("--model", required=True,
+                   help="registered model name (docs/models.md; topkd.models.list_models())")
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="trained weights (any format topkd.checkpoints.load_weights reads)")
     g.add_argument("--random-init", action="store_true",
@@ -256,7 +257,7 @@ def _device(name: str) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``topkd transfer``; return the exit status (2 for bad inputs)."""
-    from topkd.checkpoints import load_weights
+    from topkd.checkpoints import STRICT_HINT, CheckpointMismatchError, load_weights
     from topkd.data import dataset_info, get_dataset
     from topkd.data.errors import DatasetNotFoundError
     from topkd.models import create_model, model_info
@@ -279,7 +280,11 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(args.model, source_classes, **args.model_kwargs)
         sha = None
         if args.checkpoint is not None:
-            sha = load_weights(model, args.checkpoint, strict=True, verbose=False).sha256
+            try:
+                sha = load_weights(model, args.checkpoint, strict=True, verbose=False).sha256
+            except CheckpointMismatchError as e:  # the library's hint names strict=False
+                return fail(str(e).replace(STRICT_HINT, "  (do --model, --model-kwargs and "
+                                           "--source-classes describe the saved network?)"))
         kw: dict[str, Any] = {"resize": input_size} if args.dataset.lower() == "stl10" else {}
         if args.normalize == "source":
             kw.update(mean=src.mean, std=src.std)

@@ -25,10 +25,13 @@ from .transforms import (
     IMAGENET_STD,
     STL10_MEAN,
     STL10_STD,
+    TINY_IMAGENET_MEAN,
+    TINY_IMAGENET_STD,
     Transform,
     build_transform,
     crop_flip,
     imagenet_geometry,
+    rotate_flip,
 )
 
 SPLITS = ("train", "test")
@@ -221,9 +224,11 @@ def _build_stl10(
     return stl10.STL10(root, split, *transforms, resize=resize, mmap=mmap)
 
 
-@register_dataset("tiny_imagenet", DatasetInfo(200, 64, 3, IMAGENET_MEAN, IMAGENET_STD))
+@register_dataset("tiny_imagenet", DatasetInfo(200, 64, 3, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD))
 def _build_tiny_imagenet(root: Path, split: str, *, in_memory: bool = False, **opts: Any):
-    transforms = make_transforms(crop_flip(64, 4), [], **opts)
+    # mdistiller's Tiny-ImageNet pipeline (its teachers were trained with it): rotation by up
+    # to 20 degrees + flip, no crop; its own mean/std.
+    transforms = make_transforms(rotate_flip(20), [], **opts)
     return tiny_imagenet.TinyImageNet(root, split, *transforms, in_memory=in_memory)
 
 

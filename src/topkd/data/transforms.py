@@ -25,6 +25,10 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Tiny-ImageNet as mdistiller trains its Tiny-ImageNet teachers (mdistiller/dataset/
+# tiny_imagenet.py): the teachers the pair configs load expect exactly these.
+TINY_IMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
+TINY_IMAGENET_STD = (0.2302, 0.2265, 0.2262)
 # STL-10 labelled train split statistics (pass CIFAR-100's for the 32x32 transfer protocol).
 STL10_MEAN = (0.4467, 0.4398, 0.4066)
 STL10_STD = (0.2603, 0.2566, 0.2713)
@@ -94,6 +98,31 @@ def build_transform(
 def crop_flip(size: int, padding: int) -> list[Transform]:
     """The field's small-image augmentation: zero-padded random crop + horizontal flip."""
     return [T.RandomCrop(size, padding=padding), T.RandomHorizontalFlip()]
+
+
+class PILRandomRotation:
+    """``T.RandomRotation(degrees)`` applied through PIL to a ``uint8`` CxHxW tensor.
+
+    The reference pipelines rotate PIL images (nearest neighbour, zero fill); torchvision's tensor
+    rotation rounds differently at ~0.03 % of the pixels, so we go through PIL to be pixel-exact.
+    The random draw is ``RandomRotation``'s own (same RNG stream as the reference).
+    """
+
+    def __init__(self, degrees: float) -> None:
+        self.rotation = T.RandomRotation(degrees)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+        return pil_to_tensor(self.rotation(to_pil_image(x)))
+
+    def __repr__(self) -> str:
+        return f"PILRandomRotation(degrees={list(self.rotation.degrees)})"
+
+
+def rotate_flip(degrees: float) -> list[Transform]:
+    """mdistiller's Tiny-ImageNet augmentation: RandomRotation(degrees) + horizontal flip."""
+    return [PILRandomRotation(degrees), T.RandomHorizontalFlip(0.5)]
 
 
 def imagenet_geometry(train: bool, image_size: int = 224, resize_size: int | None = None) -> list:

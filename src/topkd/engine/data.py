@@ -44,6 +44,28 @@ class WithIndex(Dataset):
         self.ds.set_epoch(epoch)  # type: ignore[attr-defined]
 
 
+def dataset_labels(ds: Dataset) -> torch.Tensor | None:
+    """``(len(ds),)`` int64 labels of ``ds`` in index order, through ``Subset``/``WithIndex``
+    wrappers, from the base dataset's ``targets``; ``None`` if it has none."""
+    import numpy as np
+
+    idx: np.ndarray | None = None
+    while True:
+        if isinstance(ds, Subset):
+            sub = np.asarray(ds.indices, dtype=np.int64)
+            idx = sub if idx is None else sub[idx]
+            ds = ds.dataset
+        elif isinstance(ds, WithIndex):
+            ds = ds.ds
+        else:
+            break
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        return None
+    t = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    return t if idx is None else t[torch.from_numpy(idx)]
+
+
 def build_datasets(cfg: Config) -> Datasets:
     """Train (augmented per ``data.augment`` and the policies/views of
     :mod:`topkd.data.augment`), optional held-out val (test-time transform), test."""
@@ -66,7 +88,25 @@ def build_datasets(cfg: Config) -> Datasets:
     if d.train_subset is not None and d.train_subset < len(train):  # type: ignore[arg-type]
         train = train_subset(train, d.train_subset, seed=d.val_seed)
     size = (int(info.in_channels), int(info.image_size), int(info.image_size))
+    for split, ds in (("train", train), ("test", test)):
+        check_labels(ds, int(info.num_classes), f"data {d.name!r} ({split} split)")
     return Datasets(train, val, test, int(info.num_classes), size)
+
+
+def check_labels(ds: Dataset, num_classes: int, what: str) -> None:
+    """Labels in ``[0, num_classes)``, checked once per run: the training step runs its loss
+    without a per-step label check (no host sync), where a label of -100 would be silently
+    dropped by cross-entropy. Datasets without a ``targets`` array are not checked here."""
+    labels = dataset_labels(ds)
+    if labels is None or not labels.numel():
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        hint = (" (a negative label marks ignored rows in some datasets: topkd training needs a "
+                "class for every sample; set method.ignore_index to use such labels with the "
+                "loss functions)") if bad < 0 else ""
+        raise ConfigError(f"{what}: labels must be in [0, {num_classes}), found {bad}{hint}")
 
 
 def train_subset(ds: Dataset, n: int, seed: int = 0) -> Subset:

@@ -19,7 +19,10 @@ def run_training(cfg: Config, mode: str, *, seeds: list[int] | None = None,
     Multi-seed runs then write ``run_dir/summary.md`` and ``summary.csv``. ``resume="auto"``
     resumes every seed from its own ``last.pt`` (finished seeds are only re-summarised).
     """
-    dist = init_distributed(cfg.train.device)
+    try:
+        dist = init_distributed(cfg.train.device)
+    except ValueError as e:  # e.g. CUDA requested but absent, a GPU index under DDP
+        raise ConfigError(str(e)) from None
     resume = resume if resume is not None else cfg.train.resume
     if not seeds:
         summary = Trainer(cfg, mode, cfg.run_dir, resume=resume, dist=dist, argv=argv).fit()

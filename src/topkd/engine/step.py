@@ -9,7 +9,7 @@ method-specific: everything comes from the method's declared requirements
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from topkd.methods import Batch, LossOutput, Method, ModelOutput
 from topkd.utils.dist import all_reduce_mean_
 
-__all__ = ["Distiller", "TrainStep", "build_train_step"]
+__all__ = ["Distiller", "TrainStep", "batchnorm_batch_stats", "build_train_step"]
 
 
 class _Runner:
@@ -73,6 +73,21 @@ class Distiller(nn.Module):
         return self.method(batch), s_out.logits
 
 
+@contextlib.contextmanager
+def batchnorm_batch_stats(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s BatchNorm layers normalise with the batch's statistics and
+    leave their running statistics (and ``num_batches_tracked``) untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in bns]
+    for m in bns:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, (training, track) in zip(bns, saved):
+            m.training, m.track_running_stats = training, track
+
+
 class TrainStep:
     """A callable ``step(x, y, epoch=..., cached=..., index=..., views=...)`` doing one update.
 
@@ -110,6 +125,10 @@ class TrainStep:
         self.train_module: nn.Module = self.distiller
         if ddp:
             ids = [device.index] if device.type == "cuda" else None
+            own = [f"method.{n}" for n in method.ddp_synced_buffers]
+            if own:  # kept in sync by the method: no broadcast from rank 0 each forward
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.distiller, own)
             self.train_module = nn.parallel.DistributedDataParallel(self.distiller,
                                                                    device_ids=ids)
         self._teacher_run = None
@@ -140,13 +159,15 @@ class TrainStep:
             return ModelOutput(cached.to(self.device, non_blocking=True).float())
         if self._teacher_run is None:
             return None
+        bn = batchnorm_batch_stats(self.teacher) if self.method.teacher_bn_batch_stats else \
+            contextlib.nullcontext()
         if self._teacher_run.taps is None:
-            with torch.inference_mode(), self.autocast():
+            with torch.inference_mode(), self.autocast(), bn:
                 out = self._teacher_run(x)
             # Inference tensors cannot be saved for backward: take a normal fp32 copy.
             return ModelOutput(out.logits.to(torch.float32, copy=True))
         # Features may be saved for backward by the method: plain no_grad, not inference mode.
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast(), bn:
             out = self._teacher_run(x)
         return ModelOutput(out.logits.float(), out.feats)
 

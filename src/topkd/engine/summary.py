@@ -65,8 +65,17 @@ def aggregate_runs(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(mean: float | None, std: float | None) -> str:
-    return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+def _fmt(mean: float | None, std: float | None, n: int = 2) -> str:
+    """``mean ± std``; a single run is shown as its value (a std of one seed means nothing)."""
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f}"
+
+
+def format_mean_std(values: list[float]) -> str:
+    """``"m ± s"`` (sample std) over several values, the value itself for one."""
+    m, sd = _mean_std(values)
+    return _fmt(m, sd, len(values))
 
 
 def format_markdown(rows: list[dict[str, Any]]) -> str:
@@ -75,7 +84,8 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["name"]), str(r["n"]),
-                 *(_fmt(r[f"{k}_mean"], r[f"{k}_std"]) for k in METRICS)]
+                 *(_fmt(r[f"{k}_mean"], r[f"{k}_std"], len(r[f"{k}_values"]))
+                   for k in METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

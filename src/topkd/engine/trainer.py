@@ -12,6 +12,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -33,10 +35,14 @@ from topkd.engine.optim import LRSchedule, set_lr
 from topkd.engine.step import build_train_step
 from topkd.utils.dist import DistInfo, all_reduce_sum, init_distributed
 from topkd.utils.env import collect_env
-from topkd.utils.io import atomic_torch_save, atomic_write_text
+from topkd.utils.io import atomic_torch_save, atomic_write_text, writable_dir_problem
 from topkd.utils.seed import get_rng_state, seed_everything, set_rng_state
 
 CKPT_FORMAT = "topkd.trainstate/v1"
+#: Without a terminal (no progress bar) a progress line is printed at the first log point
+#: after this many seconds within an epoch, so long epochs never look like a hang.
+PROGRESS_LINE_EVERY_S = 60.0
+PREV_CKPT = "last.prev.pt"  # the previous epoch's last.pt (resume falls back to it)
 MODES = ("train", "distill")
 
 
@@ -70,6 +76,9 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main and (why := writable_dir_problem(self.ckpt_dir)):  # before data/models
+            raise ConfigError(f"cannot write the run directory {self.run_dir}: {why} "
+                              "(choose another output_dir= / --output-dir, or name=)")
         t = cfg.train
         from topkd.methods import method_class
 
@@ -106,7 +115,7 @@ class Trainer:
                 train_ds = wrap_dataset(train_ds, t.teacher_cache, seed=cfg.seed,
                                         teacher_name=cfg.teacher.name,
                                         checkpoint=cfg.teacher.checkpoint,
-                                        dataset_name=cfg.data.name)
+                                        dataset_name=cfg.data.name, match_transform=True)
             except (ValueError, FileNotFoundError) as e:  # incl. CacheMismatchError
                 raise ConfigError(f"train.teacher_cache={t.teacher_cache}: {e}") from None
         if mcls.needs_index:
@@ -164,6 +173,7 @@ class Trainer:
 
     def _build_teacher(self) -> nn.Module:
         from topkd.checkpoints import (
+            STRICT_HINT,
             CheckpointMismatchError,
             UnsafeCheckpointError,
             load_teacher,
@@ -174,21 +184,34 @@ class Trainer:
             raise ConfigError("distillation needs teacher.name and teacher.checkpoint (path to "
                               "the teacher's weights) or train.teacher_cache")
         if not Path(tc.checkpoint).expanduser().is_file():
-            raise ConfigError(f"teacher.checkpoint not found: {tc.checkpoint}")
+            raise ConfigError(f"teacher.checkpoint not found: {tc.checkpoint} (train the teacher "
+                              "first, or point to its weights on the command line: "
+                              "teacher.checkpoint=PATH)")
         try:
             teacher = load_teacher(tc.name, self.data.num_classes,
                                    Path(tc.checkpoint).expanduser(), verbose=self.is_main,
                                    **tc.kwargs)
-        except (ValueError, TypeError, CheckpointMismatchError, UnsafeCheckpointError) as e:
-            raise ConfigError(f"teacher: {e}") from None
+        except CheckpointMismatchError as e:
+            raise ConfigError(f"teacher: {str(e).replace(STRICT_HINT, '')}  (do teacher.name and "
+                              "teacher.kwargs give the architecture this file was saved from?)"
+                              ) from None
+        except (ValueError, TypeError, UnsafeCheckpointError) as e:
+            raise ConfigError(f"teacher: {e}") from None  # incl. CorruptCheckpointError
+        # channels_last: build_train_step
         return teacher.to(self.device).eval().requires_grad_(False)
 
     def _build_method(self) -> nn.Module:
         from topkd.methods import MethodContext, ParamError, create_method
 
+        labels = None
+        if self.method_cls.needs_index:
+            from topkd.engine.data import dataset_labels
+
+            labels = dataset_labels(self.train_ds)
         ctx = MethodContext(num_classes=self.data.num_classes, student=self.model,
                             teacher=self.teacher, input_size=self.data.input_size,
-                            num_samples=len(self.train_ds))  # type: ignore[arg-type]
+                            num_samples=len(self.train_ds),  # type: ignore[arg-type]
+                            train_labels=labels)
         try:
             method = create_method(self.cfg.method, ctx)
         except (ValueError, ParamError) as e:
@@ -215,7 +238,20 @@ class Trainer:
         return p
 
     def _load_checkpoint(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        from topkd.checkpoints import CorruptCheckpointError, UnsafeCheckpointError, read_torch_file
+
+        try:
+            ck = read_torch_file(path)
+        except (CorruptCheckpointError, UnsafeCheckpointError) as e:
+            prev = self.ckpt_dir / PREV_CKPT
+            if path.resolve() == (self.ckpt_dir / "last.pt").resolve() and prev.is_file():
+                # A damaged last.pt (copied/synced partially: our own writes are atomic): the
+                # previous epoch's state is the last good one; never restart from scratch.
+                warnings.warn(f"cannot resume from {path}: {e} Resuming from the previous "
+                              f"epoch's checkpoint {prev} instead.", stacklevel=2)
+                self.resumed_from = prev
+                return self._load_checkpoint(prev)
+            raise ConfigError(f"cannot resume: {e}") from None
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise ConfigError(f"{path} is not a topkd training checkpoint (no {CKPT_FORMAT!r}); "
                               "to start from weights only, use teacher.checkpoint / load_weights")
@@ -259,11 +295,15 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config": self.cfg.to_dict(),
         }
-        atomic_torch_save(state, self.ckpt_dir / "last.pt")
+        last = self.ckpt_dir / "last.pt"
+        if last.is_file():  # keep the previous good state: the fallback for a damaged last.pt
+            _keep_previous(last, self.ckpt_dir / PREV_CKPT)
+        atomic_torch_save(state, last)
         if improved:
             from topkd.checkpoints import save_weights
 
             meta = {"epoch": epoch, "metrics": row, "model": self.cfg.model.name,
+                    "selected_on": "val" if self.best_on == "val" else "test (oracle)",
                     "config": self.cfg.to_dict()}
             save_weights(self.method.eval_model(self.model), self.ckpt_dir / "best.pt", meta=meta)
 
@@ -295,6 +335,11 @@ class Trainer:
             warnings.warn(f"{self.run_dir} already holds a run: starting from scratch overwrites "
                           "it (use --resume to continue it)", stacklevel=3)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not self.quiet and self.best_on != "val":
+            print("note: " + ("best.pt is picked on the TEST split (train.best_on=test): an "
+                              "oracle, labelled so in summary.json" if self.best_on == "test" else
+                              "no validation split (data.val_fraction=0): no best.pt is written "
+                              "and the run's number is its last-epoch test accuracy"), flush=True)
         self.cfg.save(self.run_dir / "config.yaml")
         env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
         env["mode"] = self.mode
@@ -324,6 +369,7 @@ class Trainer:
             self.train_ds.set_epoch(epoch)  # type: ignore[attr-defined]
         steps, log_every = self.steps_per_epoch, cfg.train.log_every
         show = self.is_main and not self.quiet and sys.stderr.isatty()
+        lines = self.is_main and not self.quiet and not show  # a log file: periodic lines
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show,
                    leave=False, dynamic_ncols=True)
         keys: list[str] = []  # tensor-valued loss terms, fixed at the first step
@@ -335,7 +381,7 @@ class Trainer:
         bad_step = torch.full((), -1, dtype=torch.long, device=dev)
         bad_vals = sums
         n_seen, lr0 = 0, self.schedule(epoch - 1, 0)
-        t0 = tlog = time.perf_counter()
+        t0 = tlog = tline = time.perf_counter()
         for step, batch in enumerate(self.train_loader):
             if step >= steps:
                 break
@@ -378,6 +424,13 @@ class Trainer:
                     post["img/s"] = f"{n * log_every / max(now - tlog, 1e-9):.0f}"
                     bar.set_postfix(post, refresh=False)
                     tlog = now
+                elif (lines and step < steps - 1  # the epoch's own line follows the last step
+                      and (now := time.perf_counter()) - tline >= PROGRESS_LINE_EVERY_S):
+                    tline, done = now, step + 1
+                    eta = (now - t0) / done * (steps - done)
+                    print(f"[{cfg.name} seed {cfg.seed}] epoch {epoch}/{cfg.train.epochs} step "
+                          f"{done}/{steps} loss {float(sums[0]) / n_seen:.4f} "
+                          f"({n_seen / (now - t0):.0f} img/s, epoch ETA {eta:.0f}s)", flush=True)
         bar.close()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # honest epoch time
@@ -434,14 +487,14 @@ class Trainer:
         row = {k: row[k] for k in row if k not in ("epoch_time_s", "images_per_s")} | {
             "epoch_time_s": stats["epoch_time_s"], "images_per_s": stats["images_per_s"]}
         b = self.best
-        improved = False
+        improved = False  # best.pt is rewritten only on the split train.best_on selects
         if val is not None and (b["best_val_acc1"] is None or val["acc1"] > b["best_val_acc1"]):
             b.update(best_val_acc1=val["acc1"], best_val_epoch=epoch,
                      test_acc1_at_best_val=test["acc1"])
-            improved = True
+            improved = self.best_on == "val"
         if b["best_test_acc1"] is None or test["acc1"] > b["best_test_acc1"]:
             b.update(best_test_acc1=test["acc1"], best_test_epoch=epoch)
-            improved = improved or val is None
+            improved = improved or self.best_on == "test"
         b.update(last_test_acc1=test["acc1"], last_test_acc5=test["acc5"],
                  last_test_loss=test["loss"])
         if not self.is_main:
@@ -464,9 +517,17 @@ class Trainer:
               f"{stats['train_acc1']:.2f}{vtxt} test@1 {test['acc1']:.2f} "
               f"({stats['images_per_s']:.0f} img/s, {stats['epoch_time_s']:.1f}s)", flush=True)
 
+    @property
+    def best_on(self) -> str | None:
+        """The split that picks ``best.pt``: ``"val"``, ``"test"`` (oracle) or ``None``."""
+        choice = self.cfg.train.best_on
+        if choice == "auto":
+            return "val" if self.val_loader is not None else None
+        return choice
+
     def _finish(self) -> dict[str, Any]:
         summary = {"name": self.cfg.name, "seed": self.cfg.seed, "epochs": self.cfg.train.epochs,
-                   "mode": self.mode,
+                   "mode": self.mode, "best_on": self.best_on,
                    **{k: self.best[k] for k in (
                        "best_val_acc1", "best_val_epoch", "test_acc1_at_best_val",
                        "last_test_acc1", "last_test_acc5", "last_test_loss",
@@ -474,6 +535,17 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _keep_previous(last: Path, prev: Path) -> None:
+    """Make ``prev`` the current ``last`` (a hard link, so no copy), replacing it atomically."""
+    tmp = prev.with_name(f".{prev.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # file system without hard links
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, prev)
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:

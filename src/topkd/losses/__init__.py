@@ -1,6 +1,6 @@
 """Distillation losses for PyTorch.
 
-* Functional API (the public contract of ``method.md``): :func:`kd_loss`, :func:`dkd_loss`,
+* Functional API (the public contract in ``docs/spec.md``): :func:`kd_loss`, :func:`dkd_loss`,
   :func:`standardize`, :func:`tsm`, :func:`tdl_loss`, :func:`contrastive_loss`,
   :func:`topkd_loss`.
 * Module front-ends: :class:`KDLoss`, :class:`DKDLoss`, :class:`TSM`, :class:`TDLLoss`,

@@ -43,6 +43,13 @@ def check_nonneg(fn: str, name: str, value: float) -> None:
         raise ValueError(f"{fn}: {name} must be a number >= 0, got {value!r}")
 
 
+def check_weights(fn: str, **weights: float) -> None:
+    """Loss weights are numbers >= 0: a negative weight would turn a distance into a reward
+    (the criterion's spec rejects them too, so both APIs accept the same values)."""
+    for name, value in weights.items():
+        check_nonneg(fn, name, value)
+
+
 def check_k(fn: str, k: int, num_classes: int, *, two_sided: bool) -> None:
     """``1 <= k`` and ``2k <= C`` (TDL/TopKD: disjoint top and bottom k) or ``k <= C`` (TSM)."""
     if isinstance(k, bool) or not isinstance(k, int):
@@ -172,8 +179,13 @@ def _diagnose(fn, s2, t2, y2, keep, C, ignore_index, first_name) -> None:
         return
     first = int(y2[bad][0])
     extra = f" (ignore_index={ignore_index} excepted)" if ignore_index is not None else ""
+    hint = ""
+    if first < 0 and ignore_index is None:  # e.g. -100, the usual "no label" marker
+        hint = (f"; if {first} marks rows to skip, pass ignore_index={first} "
+                f"(in a config: method.ignore_index={first})")
     raise ValueError(
         f"{fn}: labels must be in [0, {C}){extra}; got {int(bad.sum())} out of range, e.g. {first}"
+        + hint
     )
 
 

@@ -1,4 +1,4 @@
-r"""Functional distillation losses (the public contract of ``/shared/method.md``).
+r"""Functional distillation losses (their contract: ``docs/spec.md``).
 
 Conventions shared by every function:
 
@@ -33,6 +33,7 @@ from ._validate import (
     check_positive,
     check_reduction,
     check_schedule,
+    check_weights,
     prepare,
     reduce_rows,
 )
@@ -335,6 +336,7 @@ def _topkd_parts(
     C = rows.s.shape[-1]
     check_k(fn, k, C, two_sided=True)
     check_positive(fn, "tau", tau)
+    check_weights(fn, alpha=alpha, beta=beta)
     s2, t2 = as_compute(rows.s), as_compute(rows.t)
     corrected = None
     if use_tsm:
@@ -429,6 +431,7 @@ def dkd_loss(
     """
     fn = "dkd_loss"
     check_positive(fn, "temperature", temperature)
+    check_weights(fn, alpha=alpha, beta=beta)
     check_reduction(fn, reduction)
     rows = prepare(fn, s, t, y, ignore_index=ignore_index, validate=validate, need_labels=True)
     if rows.s.shape[-1] < 2:
@@ -544,6 +547,7 @@ def tdl_loss(
             otherwise).
     """
     fn = "tdl_loss"
+    check_weights(fn, alpha=alpha, beta=beta)
     check_reduction(fn, reduction)
     if ignore_index is not None and y is None:
         raise ValueError(f"{fn}: ignore_index={ignore_index} needs the labels y")
@@ -616,6 +620,7 @@ def topkd_loss(
         k: ``1 <= k``, ``2k <= C``. Other arguments as in :func:`tsm`, :func:`tdl_loss` and
         :func:`contrastive_loss`. A weight of 0 skips the corresponding computation.
     """
+    check_weights("topkd_loss", w_con=w_con, w_tdl=w_tdl)
     con, tdl, _, _ = _topkd_parts(
         s, t, y, k=k, tau=tau, alpha=alpha, beta=beta, gamma=gamma, lam=lam,
         correct_gt=correct_gt, use_tsm=use_tsm, schedule=schedule, ignore_index=ignore_index,

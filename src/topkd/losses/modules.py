@@ -11,6 +11,7 @@ from ._validate import (
     check_positive,
     check_reduction,
     check_schedule,
+    check_weights,
 )
 
 __all__ = ["KDLoss", "DKDLoss", "TSM", "TDLLoss", "ContrastiveLoss", "TopKDLoss"]
@@ -45,6 +46,7 @@ class DKDLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_positive("DKDLoss", "temperature", temperature)
+        check_weights("DKDLoss", alpha=alpha, beta=beta)
         check_reduction("DKDLoss", reduction)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.reduction, self.ignore_index = reduction, ignore_index
@@ -102,6 +104,7 @@ class TDLLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_k_int("TDLLoss", k)
+        check_weights("TDLLoss", alpha=alpha, beta=beta)
         check_reduction("TDLLoss", reduction)
         self.k, self.alpha, self.beta, self.reduction = k, alpha, beta, reduction
 
@@ -148,6 +151,7 @@ class TopKDLoss(nn.Module):
         super().__init__()
         check_k_int("TopKDLoss", k)
         check_positive("TopKDLoss", "tau", tau)
+        check_weights("TopKDLoss", w_con=w_con, w_tdl=w_tdl, alpha=alpha, beta=beta)
         check_schedule("TopKDLoss", schedule)
         self.kw = dict(
             k=k, w_con=w_con, w_tdl=w_tdl, tau=tau, alpha=alpha, beta=beta, gamma=gamma,

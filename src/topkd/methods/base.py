@@ -99,7 +99,9 @@ class MethodContext:
 
     ``student``/``teacher`` are the raw models (not wrapped); ``teacher`` is ``None`` when the
     logits come from a cache. ``input_size`` is ``(C, H, W)`` of the training images and
-    ``num_samples`` the size of the training set (indices are in ``[0, num_samples)``).
+    ``num_samples`` the size of the training set (indices are in ``[0, num_samples)``);
+    ``train_labels`` ``(num_samples,)`` its labels in index order (given to methods with
+    ``needs_index``, e.g. CRD's negatives of other classes).
     """
 
     num_classes: int
@@ -107,6 +109,7 @@ class MethodContext:
     teacher: nn.Module | None = None
     input_size: tuple[int, int, int] | None = None
     num_samples: int | None = None
+    train_labels: Tensor | None = None
 
     def feature_shapes(self, which: str, kinds: tuple[str, ...]) -> dict[str, Any]:
         """Shapes of the taps of ``"student"`` or ``"teacher"`` (one dummy forward, no grad)."""
@@ -140,6 +143,13 @@ class Method(nn.Module):
     extra_views: ClassVar[tuple[str, ...]] = ()
     #: Whether instances own trainable parameters (connectors...): documentation and a test.
     trainable_modules: ClassVar[bool] = False
+    #: The engine runs the teacher's BatchNorm layers on the batch's statistics (their running
+    #: statistics untouched) instead of eval mode; an instance may set it (OFD's reference runs
+    #: its teacher in train mode).
+    teacher_bn_batch_stats: bool = False
+    #: Buffers the method keeps identical across DDP ranks itself (e.g. CRD's memory banks,
+    #: updated from all-gathered embeddings): DDP does not re-broadcast them every step.
+    ddp_synced_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: MethodParams | Mapping[str, Any] | None = None,
                  ctx: MethodContext | None = None) -> None:

@@ -2,6 +2,12 @@
 
 Pre-activation blocks; module names (``conv1``, ``block{1,2,3}.layer.{i}.bn1`` ...,
 ``convShortcut``, ``bn1``, ``fc``) match the field's checkpoints.
+
+Difference from mdistiller (deliberate, see docs/models.md): its ``forward`` calls
+``block2.layer[0].bn1``, ``block3.layer[0].bn1`` and ``bn1`` a second time to log pre-activation
+features, which in training mode updates those three BatchNorms' running statistics twice per
+step. Here every BatchNorm runs once per forward, so their running stats follow one EMA update
+per step.
 """
 
 from __future__ import annotations

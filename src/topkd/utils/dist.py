@@ -51,9 +51,13 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and device_spec.startswith("cuda:"):
+        # Each process drives cuda:$LOCAL_RANK; silently replacing the index was a surprise.
+        raise ValueError(
+            f"train.device={device_spec!r} under DDP ({world} processes): each process uses "
+            "cuda:$LOCAL_RANK; set train.device=cuda (or auto) and choose the GPUs with "
+            "CUDA_VISIBLE_DEVICES")
     device = resolve_device(device_spec, local_rank)
-    if world > 1 and device.type == "cuda":
-        device = torch.device(f"cuda:{local_rank}")  # one GPU per process, whatever index given
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)

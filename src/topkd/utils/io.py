@@ -50,3 +50,26 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def writable_dir_problem(path: str | Path) -> str | None:
+    """Create ``path`` (with parents) and write/delete a probe file in it.
+
+    Returns ``None`` if that works, else a short reason (a file in the way, permissions, a
+    read-only or full file system), so callers can stop before any expensive work is done.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        return f"{blocker} exists and is not a directory"
+    except NotADirectoryError:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
+        return f"{blocker} exists and is not a directory"
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
