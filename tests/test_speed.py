@@ -10,6 +10,7 @@ parts that break on a method's Python-side logic, without code generation) or ``
 
 from __future__ import annotations
 
+import logging
 import os
 from unittest import mock
 
@@ -34,6 +35,17 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 # Stated tolerance of compiled vs eager training (float32; reassociated sums of a few ULPs,
 # grown over 3 SGD steps).
 RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def quiet_compile_trace():
+    """torch gives its structured-trace logger pytest's capture handlers, which then format
+    every traced graph at DEBUG level (3-4x the compile time of these tests): raise its level."""
+    log = logging.getLogger("torch.__trace")
+    level = log.level
+    log.setLevel(logging.INFO)
+    yield
+    log.setLevel(level)
 
 
 @pytest.fixture
@@ -144,38 +156,77 @@ def test_compiled_or_eager_keeps_real_errors(backend, capsys):
 # --------------------------------------------------------------------------- compiled == eager
 
 
-def _steps(method: dict, compile_: bool, n: int = 3):
+def _steps(method: dict, compile_: bool, n: int = 3, pair=("test_tinynet", "test_tinynet"),
+           shape=(3, 16, 16)):
+    """``n`` training steps of a fresh seeded student/teacher pair: (step, per-step loss terms,
+    the student's state_dict, the method's state_dict)."""
+    from topkd.methods import MethodContext
+
     torch.manual_seed(0)
     cfg = Config.from_dict({"method": method, "train": {"compile": compile_}})
-    s, t = create_model("test_tinynet", 10), create_model("test_tinynet", 10).eval()
-    m = create_method(cfg.method, num_classes=10)
+    s, t = create_model(pair[0], 10), create_model(pair[1], 10).eval().requires_grad_(False)
+    ctx = MethodContext(num_classes=10, student=s, teacher=t, input_size=shape, num_samples=32,
+                        train_labels=torch.arange(32) % 10)
+    m = create_method(cfg.method, ctx)
     m.validate = False
-    step = build_train_step(cfg, s, t.requires_grad_(False), m, CPU)
+    step = build_train_step(cfg, s, t, m, CPU)
     g = torch.Generator().manual_seed(1)
     losses = []
     for i in range(n):
-        x = torch.randn(8, 3, 16, 16, generator=g)
+        x = torch.randn(8, *shape, generator=g)
         y = torch.randint(0, 10, (8,), generator=g)
-        out, logits = step(x, y, epoch=3 + i)
+        index = torch.randperm(32, generator=g)[:8] if m.needs_index else None
+        out, logits = step(x, y, epoch=3 + i, index=index)
         losses.append(torch.stack([out.total.detach(), *out.terms.values()]))
-    return step, torch.stack(losses), s.state_dict()
+    return step, torch.stack(losses), s.state_dict(), m.state_dict()
 
 
-def _assert_compiled_equals_eager(method: dict) -> None:
-    eager, l_e, sd_e = _steps(method, False)
-    comp, l_c, sd_c = _steps(method, True)
+def _assert_close_dicts(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()  # no _orig_mod. prefixes
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=RTOL, atol=ATOL, msg=k)
+
+
+def _assert_compiled_equals_eager(method: dict, **kw) -> None:
+    eager, l_e, sd_e, m_e = _steps(method, False, **kw)
+    comp, l_c, sd_c, m_c = _steps(method, True, **kw)
     assert len(comp.compiled) == 4 and all(c.is_compiled for c in comp.compiled), \
         [c.error for c in comp.compiled]  # student, task_loss, distill, teacher: none fell back
     torch.testing.assert_close(l_c, l_e, rtol=RTOL, atol=ATOL)
-    assert sd_c.keys() == sd_e.keys()  # no _orig_mod. prefixes
-    for k in sd_e:
-        torch.testing.assert_close(sd_c[k], sd_e[k], rtol=RTOL, atol=ATOL)
+    _assert_close_dicts(sd_c, sd_e)
+    _assert_close_dicts(m_c, m_e)  # the method's connectors / buffers
+
+
+FMNIST = {"pair": ("fmnist_cnn_student", "fmnist_cnn_teacher"), "shape": (1, 28, 28)}
+RESNETS = {"pair": ("resnet8", "resnet8"), "shape": (3, 16, 16)}
 
 
 @pytest.mark.parametrize("method", [{"name": "kd"}, {"name": "topkd", "warmup": 2.0}],
                          ids=["kd", "topkd"])
 def test_compiled_step_equals_eager(backend, method):
     _assert_compiled_equals_eager(method)
+
+
+@pytest.mark.parametrize("backend", ["eager"], indirect=True)
+def test_compiled_feature_method_equals_eager(backend):
+    """OFD: student and teacher feature taps through the compiled models, trainable
+    connectors, BatchNorm buffers in the method."""
+    _assert_compiled_equals_eager({"name": "ofd"}, n=2, **RESNETS)
+
+
+def test_a_method_that_cannot_compile_falls_back_alone(backend, capsys):
+    """CRD's distill draws its negatives with a torch.Generator and updates its memory bank in
+    place: dynamo refuses it, that part runs eagerly (with a notice), the rest stays compiled,
+    and the bank sees each update exactly once."""
+    eager, l_e, sd_e, m_e = _steps({"name": "crd"}, False, n=2, **FMNIST)
+    comp, l_c, sd_c, m_c = _steps({"name": "crd"}, True, n=2, **FMNIST)
+    state = {c.name: c.is_compiled for c in comp.compiled}
+    assert state == {"the student": True, "the crd method's task_loss": True,
+                     "the crd method's distill": False, "the teacher": True}
+    notices = [ln for ln in capsys.readouterr().err.splitlines() if "topkd: notice" in ln]
+    assert len(notices) == 1 and "the crd method's distill" in notices[0]
+    torch.testing.assert_close(l_c, l_e, rtol=RTOL, atol=ATOL)
+    _assert_close_dicts(m_c, m_e)  # memory banks included
 
 
 @pytest.mark.skipif(os.environ.get("TOPKD_TEST_INDUCTOR") != "1",
@@ -186,6 +237,13 @@ def test_compiled_step_equals_eager(backend, method):
 def test_inductor_step_equals_eager(method):
     torch._dynamo.reset()
     _assert_compiled_equals_eager(method)
+
+
+@pytest.mark.skipif(os.environ.get("TOPKD_TEST_INDUCTOR") != "1",
+                    reason="TOPKD_TEST_INDUCTOR=1 runs it")
+def test_inductor_feature_method_equals_eager():
+    torch._dynamo.reset()
+    _assert_compiled_equals_eager({"name": "ofd"}, n=2, **RESNETS)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -214,3 +272,25 @@ def test_checkpoints_move_between_compiled_and_eager_runs(backend, tmp_path):
         sd, want = b.model.state_dict(), ref.model.state_dict()
         for k in want:
             torch.testing.assert_close(sd[k], want[k], rtol=RTOL, atol=ATOL)
+
+
+def test_bench_reports_what_the_switches_resolved_to(capsys):
+    """topkd.engine.bench (the GPU command of docs/benchmarks.md), on the CPU."""
+    import json
+
+    from topkd.engine.bench import main, step_throughput
+
+    kw = dict(batch=4, steps=1, warmup=1, size=16, num_classes=10)
+    r = step_throughput("test_tinynet", "test_tinynet", "kd", cached=True, **kw)
+    assert r["cached"] and (r["amp"], r["channels_last"], r["compiled"]) == ("none", True, [])
+    assert r["first_step_s"] > 0 and r["images_per_s"] > 0
+    r = step_throughput("test_tinynet", "test_tinynet", "kd", channels_last=False, amp="bf16",
+                        **kw)
+    assert (r["amp"], r["channels_last"], r["cached"]) == ("bfloat16", False, False)
+    main(["--teacher", "test_tinynet", "--student", "test_tinynet", "--batch", "4", "--steps",
+          "1", "--warmup", "1", "--size", "16", "--num-classes", "10", "--compare-amp",
+          "--channels-last", "off"])
+    lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    assert [v.get("amp") for v in lines[:2]] == ["none", "bfloat16"]
+    ratio = lines[2]["bf16_over_fp32"]
+    assert ratio == pytest.approx(lines[1]["images_per_s"] / lines[0]["images_per_s"])
