@@ -84,7 +84,7 @@ def test_version(capsys):
     (["method.name=kd", "method.temprature=3"],
      "unknown key method.temprature (did you mean 'temperature'?)"),
     (["method.temperature=3"], "method.temperature is not a parameter of method 'ce' (it is one "
-                               "of dkd, kd"),
+                               "of dkd, "),
     (["method.name=topkd", "method.ls=true"], "method.ls is not accepted here"),
 ])
 def test_config_errors_are_one_clean_line(capsys, cfg_file, args, match):

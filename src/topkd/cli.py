@@ -211,8 +211,8 @@ def _result_line(summaries: list[dict[str, Any]]) -> str:
     return out
 
 
-def _embedded_config(path: Path) -> dict[str, Any] | None:
-    """The config a topkd checkpoint embeds (``None`` for foreign files).
+def _embedded_config(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The config a topkd checkpoint embeds (``None`` for foreign files) and its ``meta``.
 
     An empty, truncated or foreign file raises ``CorruptCheckpointError`` naming it, before
     any dataset or model is built.
@@ -222,9 +222,9 @@ def _embedded_config(path: Path) -> dict[str, Any] | None:
     try:
         obj, meta = load_state_dict_file(path)
     except UnsafeCheckpointError:  # reported with its advice by load_weights
-        return None
+        return None, {}
     cfg = (obj.get("config") if isinstance(obj, dict) else None) or meta.get("config")
-    return cfg if isinstance(cfg, dict) else None
+    return (cfg if isinstance(cfg, dict) else None), meta
 
 
 def eval_workers(requested: int | None, cfg: Any | None) -> int:
@@ -254,9 +254,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not ckpt.is_file():
         raise ConfigError(f"checkpoint not found: {ckpt}")
     cfg: Config | None = None
+    emb, meta = _embedded_config(ckpt)
     if args.config:
         cfg = load_config(args.config, args.set)
-    elif (emb := _embedded_config(ckpt)) is not None:
+    elif emb is not None:
         for ov in args.set:  # --set applies to the checkpoint's embedded config
             apply_override(emb, ov)
         cfg = Config.from_dict(emb)
@@ -276,9 +277,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         model_kw = dict(cfg.model.kwargs) if cfg and args.model is None else {}
     root = args.data_root or (cfg.data.root if cfg else None)
     data_kw = dict(cfg.data.kwargs) if cfg and args.dataset is None else {}
+    wrapper = meta.get("wrapper") if args.model is None else None
     try:
         ds = get_dataset(dataset, root, args.split, augment=False, **data_kw)
         model = create_model(model_name, int(ds.info.num_classes), **model_kw)
+        if wrapper:  # the method's exported network, e.g. a SimKD student + projector + head
+            from topkd.models.wrappers import wrap_model
+
+            model = wrap_model(wrapper, model, int(ds.info.num_classes))
         device = resolve_device(args.device)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
@@ -296,6 +302,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     out = {"checkpoint": str(ckpt), "model": model_name, "dataset": dataset,
            "split": args.split, "acc1": res["acc1"], "acc5": res["acc5"], "loss": res["loss"],
            "n": res["n"]}
+    if wrapper:
+        out["wrapper"] = wrapper["name"]
     if args.json:
         print(json.dumps(out))
     else:

@@ -129,8 +129,9 @@ class TrainStep:
             if own:  # kept in sync by the method: no broadcast from rank 0 each forward
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                     self.distiller, own)
-            self.train_module = nn.parallel.DistributedDataParallel(self.distiller,
-                                                                   device_ids=ids)
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.distiller, device_ids=ids,
+                find_unused_parameters=method.ddp_find_unused_parameters)
         self._teacher_run = None
         if teacher is not None:
             t_call = CompiledOrEager(teacher, "the teacher") if compile else None

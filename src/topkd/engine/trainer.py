@@ -133,6 +133,7 @@ class Trainer:
         self.model = self._build_model()
         self.teacher = self._build_teacher() if self.uses_teacher and not self.uses_cache else None
         self.method = self._build_method()
+        _export_meta(self.method.eval_model(self.model), self.model)  # fail early, not at save
         self.step = build_train_step(cfg, self.model, self.teacher, self.method, self.device,
                                      ddp=self.dist.distributed)
         self.step.mix = build_batch_mix(cfg.data, self.data.num_classes)
@@ -302,10 +303,11 @@ class Trainer:
         if improved:
             from topkd.checkpoints import save_weights
 
+            net = self.method.eval_model(self.model)
             meta = {"epoch": epoch, "metrics": row, "model": self.cfg.model.name,
                     "selected_on": "val" if self.best_on == "val" else "test (oracle)",
-                    "config": self.cfg.to_dict()}
-            save_weights(self.method.eval_model(self.model), self.ckpt_dir / "best.pt", meta=meta)
+                    "config": self.cfg.to_dict(), **_export_meta(net, self.model)}
+            save_weights(net, self.ckpt_dir / "best.pt", meta=meta)
 
     # ------------------------------------------------------------------ run
 
@@ -535,6 +537,18 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _export_meta(net: nn.Module, model: nn.Module) -> dict[str, Any]:
+    """``{"wrapper": spec}`` when the method evaluates a network around the student (so that
+    ``topkd eval best.pt`` rebuilds it, :mod:`topkd.models.wrappers`), else ``{}``."""
+    if net is model:
+        return {}
+    spec = getattr(net, "wrapper_spec", None)
+    if spec is None:
+        raise ConfigError(f"the method's evaluation network {type(net).__name__} cannot be "
+                          "exported: it has no wrapper_spec (see topkd.models.wrappers)")
+    return {"wrapper": spec}
 
 
 def _keep_previous(last: Path, prev: Path) -> None:

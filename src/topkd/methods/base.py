@@ -143,6 +143,9 @@ class Method(nn.Module):
     extra_views: ClassVar[tuple[str, ...]] = ()
     #: Whether instances own trainable parameters (connectors...): documentation and a test.
     trainable_modules: ClassVar[bool] = False
+    #: Some of the method's parameters may get no gradient in a step (e.g. modules of randomly
+    #: drawn paths): DDP then looks for unused parameters every step.
+    ddp_find_unused_parameters: ClassVar[bool] = False
     #: The engine runs the teacher's BatchNorm layers on the batch's statistics (their running
     #: statistics untouched) instead of eval mode; an instance may set it (OFD's reference runs
     #: its teacher in train mode).
@@ -206,7 +209,12 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ engine hooks
     def eval_model(self, student: nn.Module) -> nn.Module:
-        """The network that is evaluated and exported for this student (default: itself)."""
+        """The network that is evaluated and exported for this student (default: itself).
+
+        A network other than the student must have a ``wrapper_spec`` (a registered wrapper of
+        :mod:`topkd.models.wrappers`): the exported ``best.pt`` records it so that
+        ``topkd eval`` rebuilds the same network.
+        """
         return student
 
 

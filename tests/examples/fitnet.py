@@ -1,0 +1,6 @@
+"""Example inputs of ``fitnet`` for the generic method tests (hand-made float64 features)."""
+
+from feature_examples import example_builder
+from method_examples import EXAMPLES
+
+EXAMPLES["fitnet"] = example_builder("fitnet")

@@ -1,0 +1,6 @@
+"""Example inputs of ``pkt`` for the generic method tests (hand-made float64 features)."""
+
+from feature_examples import example_builder
+from method_examples import EXAMPLES
+
+EXAMPLES["pkt"] = example_builder("pkt")
