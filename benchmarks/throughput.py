@@ -6,7 +6,9 @@ defaults, default SGD optimiser) by :func:`topkd.engine.bench.build_step`, as th
 it: "defaults" leaves ``train.amp / channels_last / compile`` at ``auto`` (what ``topkd
 distill`` does on this device; on a CPU: channels_last for these convolutional models, fp32,
 eager), "switches off" sets all three off (the engine's own overhead), "bf16" is the explicit
-``train.amp=bf16`` (``--bf16``). The reference is the loop public KD code writes: ``with
+``train.amp=bf16`` (``--bf16``), "compiled" is the defaults plus ``train.compile=true``
+(``--compile``: inductor on the CPU; its compilation is in the warm-up round, reported apart as
+"warm-up s"). The reference is the loop public KD code writes: ``with
 torch.no_grad(): t = T(x)``, student forward, ``0.1*CE + 0.9*T^2*KL`` with ``F.kl_div`` on
 temperature-scaled log-softmaxes, backward, SGD step (same lr/momentum/weight decay).
 
@@ -34,7 +36,8 @@ oversubscribed). ``--epoch`` also times one full epoch of the in-memory loop of
 ``_fmnist_loop.py`` (the Fashion-MNIST benchmark's) online vs cached.
 
     python benchmarks/throughput.py [--threads 1] [--batch-size 128] [--steps 20] [--rounds 5]
-        [--data] [--bf16] [--cifar [--cifar-steps 3 --cifar-rounds 2]] [--epoch] [--json out.json]
+        [--data] [--bf16] [--compile] [--cifar [--cifar-steps 3 --cifar-rounds 2]] [--epoch]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,10 +91,11 @@ def plain_kd_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optim
 VARIANTS = {"defaults": {}, "switches off": {"amp": "none", "channels_last": False,
                                              "compile": False}}
 BF16 = {"bf16": {"amp": "bf16"}}
+COMPILED = {"compiled": {"compile": True}}
 
 
 def make_loops(teacher_name: str, student_name: str, num_classes: int, bf16: bool = False,
-               ) -> tuple[dict[str, tuple[Step, bool]], nn.Module]:
+               compiled: bool = False) -> tuple[dict[str, tuple[Step, bool]], nn.Module]:
     """name -> (step(x, y, cached_or_None), uses_cache), and the shared teacher."""
     loops: dict[str, tuple[Step, bool]] = {}
     ref = build_step(teacher_name, student_name, "kd", num_classes, device="cpu", amp="none",
@@ -99,7 +103,7 @@ def make_loops(teacher_name: str, student_name: str, num_classes: int, bf16: boo
     teacher = ref.teacher
     o = ref.optimizer.param_groups[0]  # the engine's default SGD settings
     assert teacher is not None
-    variants = {**VARIANTS, **(BF16 if bf16 else {})}
+    variants = {**VARIANTS, **(BF16 if bf16 else {}), **(COMPILED if compiled else {})}
     # (label, method, variant): TopKD with the defaults only, KD with every variant
     rows = [("KD, defaults", "kd", "defaults"), ("TopKD, defaults", "topkd", "defaults"),
             *((f"KD, {v}", "kd", v) for v in variants if v != "defaults")]
@@ -131,7 +135,9 @@ def as_iterations(loops: dict[str, tuple[Step, bool]], get_batch: Callable[[int,
 
 def time_loops(loops: dict[str, Iteration], steps: int, rounds: int, batch_size: int,
                ref: str = REF) -> dict[str, dict[str, float]]:
-    """Median images/s per loop over ``rounds`` interleaved rounds (after one warm-up round)."""
+    """Median images/s per loop over ``rounds`` interleaved rounds (after one warm-up round,
+    whose wall seconds, compilation included, are ``warmup_s``)."""
+    warm: dict[str, float] = {}
     wall: dict[str, list[float]] = {k: [] for k in loops}
     cpu: dict[str, list[float]] = {k: [] for k in loops}
     for r in range(rounds + 1):  # round 0 = warm-up
@@ -139,11 +145,13 @@ def time_loops(loops: dict[str, Iteration], steps: int, rounds: int, batch_size:
             w0, c0 = time.perf_counter(), time.process_time()
             for i in range(steps):
                 run(i)
-            if r:
+            if not r:
+                warm[name] = time.perf_counter() - w0
+            else:
                 wall[name].append(steps * batch_size / (time.perf_counter() - w0))
                 cpu[name].append(steps * batch_size / max(time.process_time() - c0, 1e-9))
-    res = {k: {"wall_img_s": statistics.median(wall[k]), "cpu_img_s": statistics.median(cpu[k])}
-           for k in loops}
+    res = {k: {"wall_img_s": statistics.median(wall[k]), "cpu_img_s": statistics.median(cpu[k]),
+               "warmup_s": warm[k]} for k in loops}
     for v in res.values():
         v["ratio_cpu"] = v["cpu_img_s"] / res[ref]["cpu_img_s"]
         v["ratio_wall"] = v["wall_img_s"] / res[ref]["wall_img_s"]
@@ -215,11 +223,11 @@ class _Cycle:
 
 def print_table(title: str, res: dict[str, dict[str, float]], ref: str = REF) -> None:
     print(f"\n{title}")
-    print(f"| loop | img/s (wall) | img/s (CPU time) | vs {ref} (CPU) | (wall) |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| loop | img/s (wall) | img/s (CPU time) | vs {ref} (CPU) | (wall) | warm-up s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for k, v in res.items():
         print(f"| {k} | {v['wall_img_s']:.0f} | {v['cpu_img_s']:.0f} | "
-              f"{v['ratio_cpu']:.2f}x | {v['ratio_wall']:.2f}x |")
+              f"{v['ratio_cpu']:.2f}x | {v['ratio_wall']:.2f}x | {v['warmup_s']:.1f} |")
 
 
 def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
@@ -236,6 +244,8 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", action="store_true",
                    help="also whole iterations with data loading (DataLoader vs engine loader)")
     p.add_argument("--bf16", action="store_true", help="also the explicit train.amp=bf16 rows")
+    p.add_argument("--compile", action="store_true",
+                   help="also the train.compile=true rows (inductor; compilation in warm-up s)")
     p.add_argument("--epoch", action="store_true",
                    help="also time one epoch of the in-memory benchmark loop per mode")
     p.add_argument("--epoch-subset", type=int, default=20000)
@@ -247,7 +257,8 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     bs, steps = a.batch_size, a.steps
     data = load_data(a.data_root, 0.1, subset=bs * steps, teacher_subset=bs * steps,
                      test_subset=1000)
-    loops, teacher = make_loops("fmnist_cnn_teacher", "fmnist_cnn_student", 10, a.bf16)
+    loops, teacher = make_loops("fmnist_cnn_teacher", "fmnist_cnn_student", 10, a.bf16,
+                                a.compile)
     tmp = Path(tempfile.mkdtemp(prefix="topkd-tp-"))
     from torch.utils.data import Subset
 
@@ -276,7 +287,7 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
                     step_res["fmnist_data"], ref=DATA_REF)
     if a.cifar:
         cb, cs = a.cifar_batch_size, a.cifar_steps
-        cloops, cteacher = make_loops("resnet32x4", "resnet8x4", 100, a.bf16)
+        cloops, cteacher = make_loops("resnet32x4", "resnet8x4", 100, a.bf16, a.compile)
         g = torch.Generator().manual_seed(0)
         cbatches = [(torch.randn(cb, 3, 32, 32, generator=g),
                      torch.randint(0, 100, (cb,), generator=g)) for _ in range(cs)]

@@ -8,6 +8,7 @@ the DataLoader's order and draw its parameters as a function of (seed, epoch, sa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -218,6 +219,9 @@ def test_trainer_uses_the_batched_loader_and_resumes_bit_exactly(tmp_path):
     assert isinstance(full.train_loader, BatchedLoader)
     assert isinstance(full.test_loader, BatchedLoader)
     full.fit()
+    env = json.loads((tmp_path / "full" / "env.json").read_text())
+    assert env["speed"] == {"amp": "fp32", "channels_last": True, "compiled": [],
+                            "loader": "batched"}  # what the auto switches resolved to here
     half = Trainer(cfg, "train", tmp_path / "cut", quiet=True)
     half.fit(max_epochs=1)
     resumed = Trainer(cfg, "train", tmp_path / "cut", resume="auto", quiet=True)
@@ -243,3 +247,32 @@ def test_batched_loader_choice_is_a_config_switch(tmp_path):
     assert isinstance(auto.test_loader, BatchedLoader)  # evaluation has no policy
     with pytest.raises(ConfigError, match="data.loader"):
         tiny_config(tmp_path, data={"loader": "gpu"})
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "tiny_imagenet"])
+def test_folder_datasets_keep_the_dataloader(tmp_path, name):
+    """Image files (decoded and resized one by one, tiny_imagenet's rotation through PIL): the
+    DataLoader path with data.loader=auto, and an error naming why with data.loader=batched."""
+    from fixtures_data import write_imagefolder, write_tiny_imagenet
+    from topkd.config import Config
+    from topkd.engine.data import eval_loader, train_loader
+    from topkd.utils.dist import DistInfo
+
+    if name == "imagefolder":
+        write_imagefolder(tmp_path)
+    else:
+        write_tiny_imagenet(tmp_path)
+    ds = get_dataset(name, tmp_path, "train")
+    assert "not an in-memory (array-backed) dataset" in why_not(ds)
+    dist = DistInfo(device=CPU)
+
+    def cfg(loader):
+        return Config.from_dict({"data": {"name": name, "root": str(tmp_path), "batch_size": 2,
+                                          "num_workers": 0, "loader": loader}})
+
+    loader, _ = train_loader(ds, cfg("auto"), dist)
+    assert isinstance(loader, DataLoader) and isinstance(eval_loader(ds, cfg("auto"), dist),
+                                                         DataLoader)
+    with pytest.raises(ConfigError, match=f"data.loader=batched: the training set of {name!r} "
+                       "cannot be batched: .*folder datasets"):
+        train_loader(ds, cfg("batched"), dist)

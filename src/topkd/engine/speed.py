@@ -8,8 +8,8 @@ Each is ``auto`` by default and resolved here, once per run, from the device and
                             (an explicit ``bf16`` also runs on the CPU)
 ``channels_last: auto``     on when the student or the teacher has 2-D convolutions
 ``compile: auto``           ``torch.compile`` of the student, the teacher and the method's loss
-                            on CUDA; eager on the CPU, where a cold compile (50-150 s on the
-                            2-core box) costs more than a demo-sized run gains
+                            on CUDA; eager on the CPU, where a cold compile (42-66 s per
+                            pair on the 2-core box) costs more than it gains (0.90-1.10x)
 ==========================  ===================================================================
 
 :class:`CompiledOrEager` is how every compiled component runs: ``torch.compile(fn,

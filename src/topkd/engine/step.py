@@ -207,6 +207,13 @@ class TrainStep:
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
 
+    def speed_settings(self) -> dict[str, Any]:
+        """What ``train.amp/channels_last/compile`` resolved to (``compiled``: the components
+        running compiled now, i.e. without those that fell back to eager)."""
+        return {"amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+                "channels_last": self.channels_last,
+                "compiled": [c.name for c in self.compiled if c.is_compiled]}
+
 
 def build_train_step(cfg: Any, student: nn.Module, teacher: nn.Module | None, method: Method,
                      device: torch.device, *, ddp: bool = False) -> TrainStep:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from topkd.config import Config, ConfigError
 from topkd.data.augment import build_batch_mix
 from topkd.engine.augment import check_augmentation, unpack_images
+from topkd.engine.batched import BatchedLoader
 from topkd.engine.data import build_datasets, eval_loader, train_loader
 from topkd.engine.evaluate import evaluate
 from topkd.engine.optim import LRSchedule, set_lr
@@ -345,6 +346,9 @@ class Trainer:
         self.cfg.save(self.run_dir / "config.yaml")
         env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
         env["mode"] = self.mode
+        env["speed"] = self.step.speed_settings()  # what the auto switches resolved to
+        env["speed"]["loader"] = ("batched" if isinstance(self.train_loader, BatchedLoader)
+                                  else "dataloader")
         env_path = self.run_dir / "env.json"
         if self.resumed_from is not None and env_path.is_file():
             # Keep the original environment; record each resume (host, versions may differ).
