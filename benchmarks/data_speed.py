@@ -2,11 +2,18 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_speed.py [--images 5120] [--repeats 3]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_speed.py --policies   # augmentation cost
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_speed.py --batched    # engine's loader
 
 ``--policies`` instead times each augmentation policy of ``topkd.data.augment`` (timm's
 RandAugment/AutoAugment/AugMix, random erasing, MLKD's strong view; batch 128) relative to the
 plain crop/flip pipeline in the same run: main-process CPU time per sample (``num_workers=0``)
 and wall-clock samples/s with 2 workers; and Mixup/CutMix + label smoothing on a batch.
+
+``--batched`` instead times the engine's batched in-memory loader
+(:class:`topkd.engine.batched.BatchedLoader`, ``data.loader: auto``: gather, crop, flip and
+normalise a whole batch in tensor ops) against the ``DataLoader`` with the per-image train
+transforms (``num_workers=0``) over the same dataset, batch 128, both on the CPU, rounds
+interleaved, best of ``--repeats``.
 
 Measures images/s of a ``DataLoader`` (shuffle, train transforms) over (a) the real
 Fashion-MNIST (if installed) and (b) synthetic CIFAR-100-format pickles written to a temp dir,
@@ -190,6 +197,53 @@ def main_policies(args: argparse.Namespace) -> None:
         print(f"| {label} | {speed:,.0f} |")
 
 
+def batched_rows(sets: dict, batch: int, images: int, repeats: int) -> list[tuple]:
+    """Per dataset: images/s of the DataLoader (workers 0) and of the engine's batched loader."""
+    from torch.utils.data import DistributedSampler
+
+    from topkd.engine.batched import batched_loader
+
+    def batched_speed(ds: Dataset) -> float:
+        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+        loader = batched_loader(ds, sampler, batch, torch.device("cpu"), drop_last=True)
+        assert loader is not None
+        it = iter(loader)
+        next(it)  # the dataset's device copy and the epoch's draws are not timed
+        seen, t0 = 0, time.perf_counter()
+        for _, y in it:
+            seen += len(y)
+            if seen >= images:
+                break
+        return seen / (time.perf_counter() - t0)
+
+    rows = []
+    for name, ds in sets.items():
+        dl, bl = 0.0, 0.0
+        for _ in range(repeats):
+            dl = max(dl, _loader_speed(ds, batch, 0, images))
+            bl = max(bl, batched_speed(ds))
+        rows.append((name, dl, bl))
+    return rows
+
+
+def main_batched(args: argparse.Namespace) -> None:
+    batch = 128
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cifar(Path(tmp), "cifar100", n_per_file=20000)
+        sets = {"CIFAR-format (synthetic, 20k)": get_dataset("cifar100", tmp, "train")}
+        try:
+            sets["Fashion-MNIST (real, 60k)"] = get_dataset("fashion_mnist", None, "train")
+        except FileNotFoundError:
+            print("Fashion-MNIST not installed: skipped", file=sys.stderr)
+        rows = batched_rows(sets, batch, args.images, args.repeats)
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n")
+    print(f"| data (train transforms, batch {batch}) | DataLoader, 0 workers, images/s | "
+          "engine's batched loader, images/s | ratio |\n|---|---|---|---|")
+    for name, dl, bl in rows:
+        print(f"| {name} | {dl:,.0f} | {bl:,.0f} | {bl / dl:.1f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=5120, help="images timed per run")
@@ -197,10 +251,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batch 256 / workers 0,2 only")
     ap.add_argument("--policies", action="store_true",
                     help="time the augmentation policies instead (topkd.data.augment)")
+    ap.add_argument("--batched", action="store_true",
+                    help="time the engine's batched in-memory loader against the DataLoader")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.policies:
         main_policies(args)
+        return
+    if args.batched:
+        main_batched(args)
         return
     workers = (0, 2) if args.quick else (0, 1, 2)
     batches = (256,) if args.quick else (64, 256)

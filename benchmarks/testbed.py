@@ -70,6 +70,14 @@ STUDY_FORMAT = "topkd-study/1"
 OURS = ("topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
 
 
+# The study's runs take the engine's eager fp32 NCHW path with the DataLoader, whatever the
+# engine's defaults: its runs (docs/results.md) were made that way, before the fast defaults
+# (docs/training.md, "Speed") landed, and one study must not mix loaders (the batched loader
+# draws other crops) or let finished runs go stale when a default changes.
+PINNED = ("train.amp=none", "train.channels_last=false", "train.compile=false",
+          "data.loader=dataloader")
+
+
 # --------------------------------------------------------------------------------------------
 # What is run
 # --------------------------------------------------------------------------------------------
@@ -499,7 +507,7 @@ class Testbench:
         n = self.budget.train_subset if train_subset is None else train_subset
         ov = [f"data.train_subset={n}", f"train.epochs={epochs}", f"seed={seed}",
               "data.num_workers=0", "data.eval_batch_size=1000", f"output_dir={self.out}",
-              f"name={name}"]
+              f"name={name}", *PINNED]
         if self.args.data_root:
             ov.append(f"data.root={self.args.data_root}")
         if self.budget.max_steps:
@@ -509,7 +517,7 @@ class Testbench:
     def teacher_cfg(self, tb: Testbed) -> Any:
         from topkd.config import load_config
 
-        ov = ["data.num_workers=0", f"output_dir={self.out / 'teachers'}",
+        ov = ["data.num_workers=0", f"output_dir={self.out / 'teachers'}", *PINNED,
               *self.budget.data.get(tb.key, ()), *self.budget.teacher]
         if self.args.data_root:
             ov.append(f"data.root={self.args.data_root}")
@@ -728,7 +736,7 @@ class Testbench:
         sz = LEGACY_QUICK if self.args.quick else LEGACY_SIZES
         root = self.out / "legacy"
         ov = [f"train.epochs={sz['teacher_epochs']}", f"data.train_subset={sz['teacher_subset']}",
-              "data.num_workers=0", f"output_dir={root}", "name=legacy-teacher"]
+              "data.num_workers=0", f"output_dir={root}", "name=legacy-teacher", *PINNED]
         if self.budget.max_steps:
             ov.append(f"train.max_steps_per_epoch={self.budget.max_steps}")
         if self.args.data_root:

@@ -1,38 +1,50 @@
-"""Distillation-step throughput: the topkd engine's step vs a minimal plain-PyTorch KD loop.
+"""Training throughput: the topkd engine with its defaults vs a plain eager PyTorch KD loop.
 
-"ours" is the engine's own training step, :class:`topkd.engine.step.TrainStep`, built from a
-real :class:`topkd.config.Config` (``method.name`` kd / topkd with their reference defaults,
-default SGD optimiser) by :func:`topkd.engine.bench.build_step`, as the trainer builds it.
-The reference is the loop public KD code writes: ``with torch.no_grad(): t = T(x)``, student
-forward, ``0.1*CE + 0.9*T^2*KL`` with ``F.kl_div`` on temperature-scaled log-softmaxes,
-backward, SGD step (same lr/momentum/weight decay as the engine's default).
-Rows (images/s of one training step):
+"topkd" rows run the engine's own training step, :class:`topkd.engine.step.TrainStep`, built
+from a real :class:`topkd.config.Config` (``method.name`` kd / topkd with their reference
+defaults, default SGD optimiser) by :func:`topkd.engine.bench.build_step`, as the trainer builds
+it: "defaults" leaves ``train.amp / channels_last / compile`` at ``auto`` (what ``topkd
+distill`` does on this device; on a CPU: channels_last for these convolutional models, fp32,
+eager), "switches off" sets all three off (the engine's own overhead), "bf16" is the explicit
+``train.amp=bf16`` (``--bf16``), "compiled" is the defaults plus ``train.compile=true``
+(``--compile``: inductor on the CPU; its compilation is in the warm-up round, reported apart as
+"warm-up s"). The reference is the loop public KD code writes: ``with
+torch.no_grad(): t = T(x)``, student forward, ``0.1*CE + 0.9*T^2*KL`` with ``F.kl_div`` on
+temperature-scaled log-softmaxes, backward, SGD step (same lr/momentum/weight decay).
 
-* ``plain KD (online)``        the reference, teacher forward every step (ratio 1.00);
-* ``topkd KD/TopKD (online)``  ``step(x, y, epoch=epoch)``;
-* ``... (cache)``              teacher logits from a :mod:`topkd.cache` teacher-logit cache,
-                               passed as the step's ``cached`` argument as the engine does with
-                               ``train.teacher_cache`` (the plain loop uses them instead of
-                               ``T(x)``); the timed loop pays the cache lookup + pixel-exact
-                               replay of the cached view (``CachedLogitDataset.batch``).
+Step tables (one training step on ready batches; ratio against ``plain KD (online)``):
+
+* ``(online)``  teacher forward every step;
+* ``(cache)``   teacher logits from a :mod:`topkd.cache` teacher-logit cache, passed as the
+                step's ``cached`` argument as the engine does with ``train.teacher_cache`` (the
+                plain loop uses them instead of ``T(x)``); on Fashion-MNIST the timed loop pays
+                the cache lookup + pixel-exact replay (``CachedLogitDataset.batch``).
+
+``--data``: whole iterations on Fashion-MNIST, data loading included: the plain loop reads a
+``torch.utils.data.DataLoader`` over the dataset with its per-image transforms (crop + flip +
+normalise; ``num_workers=0``, the engine's CPU recommendation), or over the cache's dataset; the
+engine reads its own loader (``topkd.engine.data.train_loader``: the batched in-memory loader by
+default) and runs its default step.
 
 Pair ``fmnist``: ``fmnist_cnn_teacher`` -> ``fmnist_cnn_student`` on real Fashion-MNIST batches.
 ``--cifar`` adds resnet32x4 -> resnet8x4 (100 classes) on synthetic 32x32 batches, its "cache"
 being teacher logits precomputed in float16 (the cache's default storage), no lookup cost.
-Every loop sees the same batches; rounds are interleaved (round 0 is warm-up) and the median
-per loop is reported, as wall-clock AND process CPU time (with one thread the CPU time is what
-an idle core would show; the shared benchmark box is often oversubscribed). ``--epoch`` also
-times one whole engine epoch (:class:`topkd.engine.Trainer` on
-``configs/fashion_mnist/teacher_student/kd.yaml``: DataLoader, steps, evaluation) with the
+Every loop sees the same batches; rounds are interleaved (round 0 is warm-up, which also holds
+any compilation) and the median per loop is reported, as wall-clock AND process CPU time (with
+one thread the CPU time is what an idle core would show; the shared benchmark box is often
+oversubscribed). ``--epoch`` also times one whole engine epoch (:class:`topkd.engine.Trainer`
+on ``configs/fashion_mnist/teacher_student/kd.yaml``: its loader, steps, evaluation) with the
 teacher online vs a teacher-logit cache.
 
     python benchmarks/throughput.py [--threads 1] [--batch-size 128] [--steps 20] [--rounds 5]
-        [--cifar [--cifar-steps 3 --cifar-rounds 2]] [--epoch] [--json out.json]
+        [--data] [--bf16] [--compile] [--cifar [--cifar-steps 3 --cifar-rounds 2]] [--epoch]
+        [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -54,7 +66,9 @@ from topkd.models import create_model
 ROOT = Path(__file__).resolve().parents[1]
 
 REF = "plain KD (online)"
+DATA_REF = "plain KD + DataLoader (online)"
 Step = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
+Iteration = Callable[[int], Any]
 Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
@@ -75,64 +89,146 @@ def plain_kd_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optim
     opt.step()
 
 
-def make_loops(teacher_name: str, student_name: str, num_classes: int
-               ) -> tuple[dict[str, tuple[Step, bool]], nn.Module]:
+#: Engine variants: name -> build_step keyword arguments (see the module docstring).
+VARIANTS = {"defaults": {}, "switches off": {"amp": "none", "channels_last": False,
+                                             "compile": False}}
+BF16 = {"bf16": {"amp": "bf16"}}
+COMPILED = {"compiled": {"compile": True}}
+
+
+def make_loops(teacher_name: str, student_name: str, num_classes: int, bf16: bool = False,
+               compiled: bool = False) -> tuple[dict[str, tuple[Step, bool]], nn.Module]:
     """name -> (step(x, y, cached_or_None), uses_cache), and the shared teacher."""
     loops: dict[str, tuple[Step, bool]] = {}
-    ref = build_step(teacher_name, student_name, "kd", num_classes, device="cpu")
+    ref = build_step(teacher_name, student_name, "kd", num_classes, device="cpu", amp="none",
+                     channels_last=False, compile=False)
     teacher = ref.teacher
     o = ref.optimizer.param_groups[0]  # the engine's default SGD settings
     assert teacher is not None
-    plain: dict[bool, Step] = {}
-    engine: dict[tuple[str, bool], Step] = {}
-    for use_cache in (False, True):
+    variants = {**VARIANTS, **(BF16 if bf16 else {}), **(COMPILED if compiled else {})}
+    # (label, method, variant): TopKD with the defaults only, KD with every variant
+    rows = [("KD, defaults", "kd", "defaults"), ("TopKD, defaults", "topkd", "defaults"),
+            *((f"KD, {v}", "kd", v) for v in variants if v != "defaults")]
+    for tag, use_cache in (("online", False), ("cache", True)):
         student = create_model(student_name, num_classes).train()
         opt = torch.optim.SGD(student.parameters(), lr=o["lr"], momentum=o["momentum"],
                               weight_decay=o["weight_decay"])
-        plain[use_cache] = (lambda x, y, t, s=student, op=opt:
-                            plain_kd_step(s, teacher, op, x, y, t))
-        for loss in ("kd", "topkd"):
+        loops[f"plain KD ({tag})"] = ((lambda x, y, t, s=student, op=opt:
+                                       plain_kd_step(s, teacher, op, x, y, t)), use_cache)
+        for label, loss, v in rows:
+            # one teacher for every loop: contiguous for the plain loop and "switches off",
+            # converted per step (as the engine's TrainStep would hold its own copy)
+            tm = teacher if v == "switches off" else copy.deepcopy(teacher)
             st = build_step(teacher_name, student_name, loss, num_classes, device="cpu",
-                            teacher_model=teacher)  # one teacher for every loop
+                            teacher_model=tm, **variants[v])
             ep = st.method.params.warmup + 1  # past the warm-up: every term at full weight
-            engine[loss, use_cache] = (lambda x, y, t, st=st, ep=ep: st(x, y, epoch=ep, cached=t))
-    for use_cache, tag in ((False, "online"), (True, "cache")):
-        loops[f"plain KD ({tag})"] = (plain[use_cache], use_cache)
-        loops[f"topkd KD ({tag})"] = (engine["kd", use_cache], use_cache)
-        loops[f"topkd TopKD ({tag})"] = (engine["topkd", use_cache], use_cache)
+            loops[f"topkd {label} ({tag})"] = (
+                (lambda x, y, t, st=st, ep=ep: st(x, y, epoch=ep, cached=t)), use_cache)
     return loops, teacher
 
 
-def time_loops(loops: dict[str, tuple[Step, bool]], get_batch: Callable[[int, bool], Batch],
-               steps: int, rounds: int, batch_size: int) -> dict[str, dict[str, float]]:
-    """Median images/s per loop over ``rounds`` interleaved rounds (after one warm-up round)."""
+def as_iterations(loops: dict[str, tuple[Step, bool]], get_batch: Callable[[int, bool], Batch]
+                  ) -> dict[str, Iteration]:
+    """Step loops on ready batches -> one-iteration callables ``run(i)``."""
+    def run(fn: Step, use_cache: bool) -> Iteration:
+        return lambda i: fn(*get_batch(i, use_cache))
+    return {k: run(fn, c) for k, (fn, c) in loops.items()}
+
+
+def time_loops(loops: dict[str, Iteration], steps: int, rounds: int, batch_size: int,
+               ref: str = REF) -> dict[str, dict[str, float]]:
+    """Median images/s per loop over ``rounds`` interleaved rounds (after one warm-up round,
+    whose wall seconds, compilation included, are ``warmup_s``)."""
+    warm: dict[str, float] = {}
     wall: dict[str, list[float]] = {k: [] for k in loops}
     cpu: dict[str, list[float]] = {k: [] for k in loops}
     for r in range(rounds + 1):  # round 0 = warm-up
-        for name, (fn, use_cache) in loops.items():
+        for name, run in loops.items():
             w0, c0 = time.perf_counter(), time.process_time()
             for i in range(steps):
-                x, y, t = get_batch(i, use_cache)
-                fn(x, y, t)
-            if r:
+                run(i)
+            if not r:
+                warm[name] = time.perf_counter() - w0
+            else:
                 wall[name].append(steps * batch_size / (time.perf_counter() - w0))
                 cpu[name].append(steps * batch_size / max(time.process_time() - c0, 1e-9))
-    res = {k: {"wall_img_s": statistics.median(wall[k]), "cpu_img_s": statistics.median(cpu[k])}
-           for k in loops}
-    ref = res[REF]
+    res = {k: {"wall_img_s": statistics.median(wall[k]), "cpu_img_s": statistics.median(cpu[k]),
+               "warmup_s": warm[k]} for k in loops}
     for v in res.values():
-        v["ratio_cpu"] = v["cpu_img_s"] / ref["cpu_img_s"]
-        v["ratio_wall"] = v["wall_img_s"] / ref["wall_img_s"]
+        v["ratio_cpu"] = v["cpu_img_s"] / res[ref]["cpu_img_s"]
+        v["ratio_wall"] = v["wall_img_s"] / res[ref]["wall_img_s"]
     return res
 
 
-def print_table(title: str, res: dict[str, dict[str, float]]) -> None:
+def data_loops(teacher: nn.Module, fit_idx: list[int], cached: Any, bs: int, root: str | None
+               ) -> dict[str, Iteration]:
+    """Whole iterations (loading included) over the Fashion-MNIST training subset ``fit``:
+    DataLoader + plain step vs the engine's loader + default step (see ``--data``)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from topkd.config import Config
+    from topkd.data import get_dataset
+    from topkd.engine.data import train_loader
+    from topkd.utils.dist import DistInfo
+
+    aug = Subset(get_dataset("fashion_mnist", root, "train"), fit_idx)
+    cfg = Config.from_dict({"data": {"name": "fashion_mnist", "batch_size": bs}})
+    dist = DistInfo(device=torch.device("cpu"))
+    ref = build_step("fmnist_cnn_teacher", "fmnist_cnn_student", "kd", 10, device="cpu",
+                     amp="none", channels_last=False, compile=False)
+    o = ref.optimizer.param_groups[0]
+    out: dict[str, Iteration] = {}
+    for tag, ds in (("online", aug), ("cache", cached)):
+        student = create_model("fmnist_cnn_student", 10).train()
+        opt = torch.optim.SGD(student.parameters(), lr=o["lr"], momentum=o["momentum"],
+                              weight_decay=o["weight_decay"])
+        plain = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True)
+        engine, _ = train_loader(ds, cfg, dist)
+        st = build_step("fmnist_cnn_teacher", "fmnist_cnn_student", "kd", 10, device="cpu",
+                        teacher_model=copy.deepcopy(teacher))
+        assert type(engine).__name__ == "BatchedLoader"
+
+        pc, ec = _Cycle(plain), _Cycle(engine, epochs=True)
+
+        def plain_it(i: int, it=pc, s=student, op=opt) -> None:
+            b = it.next()
+            plain_kd_step(s, teacher, op, b[0], b[1], b[2] if len(b) > 2 else None)
+
+        def engine_it(i: int, it=ec, st=st) -> None:
+            b = it.next()
+            st(b[0], b[1], epoch=1, cached=b[2] if len(b) > 2 else None)
+
+        out[f"plain KD + DataLoader ({tag})"] = plain_it
+        out[f"topkd KD, defaults + engine loader ({tag})"] = engine_it
+    return out
+
+
+class _Cycle:
+    """Endless batches of a loader (a new epoch, and for the engine's loader a new
+    ``set_epoch``, whenever it runs out)."""
+
+    def __init__(self, loader: Any, epochs: bool = False) -> None:
+        self.loader, self.epochs, self.epoch = loader, epochs, 0
+        self.it: Any = iter(())
+
+    def next(self) -> Any:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            if self.epochs:
+                self.loader.sampler.set_epoch(self.epoch)
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+def print_table(title: str, res: dict[str, dict[str, float]], ref: str = REF) -> None:
     print(f"\n{title}")
-    print("| loop | img/s (wall) | img/s (CPU time) | vs plain KD online (CPU) | (wall) |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| loop | img/s (wall) | img/s (CPU time) | vs {ref} (CPU) | (wall) | warm-up s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for k, v in res.items():
         print(f"| {k} | {v['wall_img_s']:.0f} | {v['cpu_img_s']:.0f} | "
-              f"{v['ratio_cpu']:.2f}x | {v['ratio_wall']:.2f}x |")
+              f"{v['ratio_cpu']:.2f}x | {v['ratio_wall']:.2f}x | {v['warmup_s']:.1f} |")
 
 
 def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
@@ -146,6 +242,11 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cifar-batch-size", type=int, default=64)
     p.add_argument("--cifar-steps", type=int, default=3)
     p.add_argument("--cifar-rounds", type=int, default=2)
+    p.add_argument("--data", action="store_true",
+                   help="also whole iterations with data loading (DataLoader vs engine loader)")
+    p.add_argument("--bf16", action="store_true", help="also the explicit train.amp=bf16 rows")
+    p.add_argument("--compile", action="store_true",
+                   help="also the train.compile=true rows (inductor; compilation in warm-up s)")
     p.add_argument("--epoch", action="store_true",
                    help="also time one engine epoch (Trainer) with the teacher online vs cached")
     p.add_argument("--epoch-subset", type=int, default=20000)
@@ -160,9 +261,11 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     from topkd.data import get_dataset
 
     train = get_dataset("fashion_mnist", a.data_root, "train", augment=False)
-    loops, teacher = make_loops("fmnist_cnn_teacher", "fmnist_cnn_student", 10)
+    loops, teacher = make_loops("fmnist_cnn_teacher", "fmnist_cnn_student", 10, a.bf16,
+                                a.compile)
     tmp = Path(tempfile.mkdtemp(prefix="topkd-tp-"))
-    fit = Subset(train, list(range(bs * steps)))
+    fit_idx = list(range(bs * steps))
+    fit = Subset(train, fit_idx)
     # the dataset's own crop/flip recipe (pad 2 + flip), replayed per cached view
     build_cache(teacher, fit, tmp / "c", views=4, progress=False, dataset_name="fashion_mnist")
     cached = wrap_dataset(fit, tmp / "c")
@@ -175,13 +278,18 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
         x, y, _ = batches[i]
         return x, y, None
 
-    step_res = {"fmnist": time_loops(loops, fmnist_batch, steps, a.rounds, bs)}
+    step_res = {"fmnist": time_loops(as_iterations(loops, fmnist_batch), steps, a.rounds, bs)}
     print(f"threads={a.threads} batch={bs} steps/round={steps} rounds={a.rounds}")
     print_table("fmnist_cnn_teacher -> fmnist_cnn_student (Fashion-MNIST batches)",
                 step_res["fmnist"])
+    if a.data:
+        dl = data_loops(teacher, fit_idx, cached, bs, a.data_root)
+        step_res["fmnist_data"] = time_loops(dl, steps, a.rounds, bs, ref=DATA_REF)
+        print_table("fmnist_cnn_teacher -> fmnist_cnn_student, iterations with data loading",
+                    step_res["fmnist_data"], ref=DATA_REF)
     if a.cifar:
         cb, cs = a.cifar_batch_size, a.cifar_steps
-        cloops, cteacher = make_loops("resnet32x4", "resnet8x4", 100)
+        cloops, cteacher = make_loops("resnet32x4", "resnet8x4", 100, a.bf16, a.compile)
         g = torch.Generator().manual_seed(0)
         cbatches = [(torch.randn(cb, 3, 32, 32, generator=g),
                      torch.randint(0, 100, (cb,), generator=g)) for _ in range(cs)]
@@ -192,7 +300,8 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
             x, y = cbatches[i]
             return x, y, clogits[i] if use_cache else None
 
-        step_res["cifar"] = time_loops(cloops, cifar_batch, cs, a.cifar_rounds, cb)
+        step_res["cifar"] = time_loops(as_iterations(cloops, cifar_batch), cs, a.cifar_rounds,
+                                       cb)
         print(f"\nbatch={cb} steps/round={cs} rounds={a.cifar_rounds}")
         print_table("resnet32x4 -> resnet8x4 (synthetic 32x32 batches, 100 classes)",
                     step_res["cifar"])
@@ -206,8 +315,8 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
 
 def engine_epoch(teacher: nn.Module, data_root: str | None, subset: int, bs: int, tmp: Path
                  ) -> dict[str, dict[str, float]]:
-    """One KD epoch of the engine (``Trainer.fit``, evaluation included) with the teacher online
-    and with a teacher-logit cache of the same training images (4 views)."""
+    """One KD epoch of the engine (``Trainer.fit`` with its defaults, evaluation included) with
+    the teacher online and with a teacher-logit cache of the same training images (4 views)."""
     from topkd.checkpoints import save_weights
     from topkd.config import load_config
     from topkd.engine import Trainer

@@ -23,7 +23,7 @@ def cfg_file(tmp_path) -> Path:
 @pytest.mark.parametrize("cmd, expect", [
     ([], ["train", "distill", "eval", "methods", "transfer", "report", "demo"]),
     (["train"], ["--resume", "--seeds", "--output-dir", "--device", "optim.lr", "train.amp",
-                 "one of {none, bf16, fp16}", "method.name", "data.val_fraction"]),
+                 "one of {auto, none, bf16, fp16}", "method.name", "data.val_fraction"]),
     (["distill"], ["--resume", "teacher.checkpoint", "train.teacher_cache", "method.name",
                    "topkd methods NAME"]),
     (["methods"], ["--markdown", "NAME"]),
@@ -77,7 +77,7 @@ def test_version(capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["train.amp=fp8"], "invalid value for 'train.amp': 'fp8'; expected one of {none, bf16"),
+    (["train.amp=fp8"], "invalid value for 'train.amp': 'fp8'; expected one of {auto, none, bf16"),
     (["train.ampp=1"], "unknown config key 'train.ampp'; allowed keys under 'train'"),
     (["--seeds", "0,x"], "--seeds expects comma-separated integers"),
     (["method.name=kd"], "'topkd train' trains the model alone, but method 'kd' distils"),

@@ -77,7 +77,7 @@ def test_method_name_override_starts_from_that_methods_defaults(tree):
                         r"epochs, amp, .*sync_bn"),
     ("foo=1", r"unknown config key 'foo'; allowed keys: name, output_dir, seed"),
     ("train.amp=fp8",
-     r"invalid value for 'train.amp': 'fp8'; expected one of \{none, bf16, fp16\}"),
+     r"invalid value for 'train.amp': 'fp8'; expected one of \{auto, none, bf16, fp16\}"),
     ("train.epochs=abc", r"invalid value for 'train.epochs': 'abc'; expected int"),
     ("train.epochs=1.5", r"'train.epochs': 1.5; expected int"),
     ("train.channels_last=maybe", r"'train.channels_last': 'maybe'; expected bool"),

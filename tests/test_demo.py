@@ -73,6 +73,10 @@ def test_tiny_demo_writes_table_and_plots(tmp_path, fake_fmnist, capsys):
         assert cfg.data.train_subset == 300 and cfg.data.num_workers == 0
         if r["method"] != "ce":
             assert cfg.train.teacher_cache is not None  # offline distillation
+        # the fast path by default: what the auto switches resolved to on this CPU
+        env = json.loads((run_dir / "env.json").read_text())
+        assert env["speed"] == {"amp": "fp32", "channels_last": True, "compiled": [],
+                                "loader": "batched"}, r["method"]
         assert (d / "runs" / r["method"] / "summary.md").is_file()
     row = res["summary"][0]
     assert row["test_at_best_val"] == res["runs"][0]["summary"]["test_acc1_at_best_val"]
@@ -130,6 +134,23 @@ def test_demo_specs_are_the_configs(tmp_path):
     assert demo.method_config(args, "topkd", 0).method.k == 2
     assert demo.method_config(args, "kd_tsm_tdl", 0).method.k == 2
     assert demo.method_config(args, "dkd", 0).method.beta == 4.0
+
+
+def test_demo_speed_switches_default_to_auto_and_turn_off(tmp_path):
+    """The demo runs the configs' auto switches unless told; each option overrides its key in
+    the teacher's and every student's config."""
+    args = _args(tmp_path, tmp_path / "data")
+    for cfg in (demo.teacher_config(args), demo.method_config(args, "kd", 0)):
+        t = cfg.train
+        assert (t.amp, t.channels_last, t.compile, cfg.data.loader) == ("auto",) * 4
+    off = _args(tmp_path, tmp_path / "data", amp="none", channels_last="off", compile="off",
+                loader="dataloader")
+    for cfg in (demo.teacher_config(off), demo.method_config(off, "topkd", 0)):
+        t = cfg.train
+        assert (t.amp, t.channels_last, t.compile, cfg.data.loader) == \
+            ("none", False, False, "dataloader")
+    on = _args(tmp_path, tmp_path / "data", compile="on")
+    assert demo.method_config(on, "kd", 0).train.compile is True
 
 
 def test_demo_help_lists_the_knobs():

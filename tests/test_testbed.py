@@ -201,6 +201,12 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     cfg = load_config(out / ds["methods"]["kd"]["final"][1]["dir"] / "config.yaml")
     assert cfg.train.teacher_cache == str(out / "cache" / "fashion_mnist_pairs")
     assert cfg.seed == 1 and cfg.data.train_subset == 48 and cfg.data.val_fraction == 0.1
+    # the study pins the eager fp32 NCHW DataLoader path, whatever the engine's defaults
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.compile, cfg.data.loader) == \
+        ("none", False, False, "dataloader")
+    teacher_dir = study["datasets"]["fashion_mnist_pairs"]["teacher"]["dir"]
+    tcfg = load_config(out / teacher_dir / "config.yaml")
+    assert (tcfg.train.compile, tcfg.data.loader) == (False, "dataloader")
     assert params_to_dict(cfg.method) == ds["methods"]["kd"]["chosen"]
     assert [p["k"] for p in ds["k_ablation"]["points"]] == [1, 5]
     ctl = {c["key"]: c for c in ds["controls"]}

@@ -45,7 +45,12 @@ class DataConfig:
     root: str = "data"
     batch_size: int = 64  # global batch, split across DDP ranks
     eval_batch_size: int = 256
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader workers (the batched loader runs on the training device)
+    # "auto": batched (whole batches cropped/flipped/normalised on the training device,
+    # topkd.engine.batched) for in-memory datasets whose augmentation has a batched form, the
+    # DataLoader otherwise; "batched": that or an error saying why not; "dataloader": always
+    # per-image transforms in a torch DataLoader.
+    loader: Literal["auto", "batched", "dataloader"] = "auto"
     val_fraction: float = 0.0  # > 0: held-out val split carved from train with val_seed
     val_seed: int = 0
     # Not in the original schema sketch: train on a fixed random subset of this many training
@@ -111,9 +116,12 @@ class SchedConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 240
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
-    compile: bool = False
+    # Speed switches (docs/training.md, "Speed"); "auto" picks what measured faster and safe:
+    # amp bf16 on CUDA GPUs that support it, channels_last for convolutional models,
+    # compile on CUDA (topkd.engine.speed).
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
     device: str = "auto"
     grad_clip: float | None = None
     log_every: int = 50

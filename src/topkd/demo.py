@@ -17,7 +17,9 @@ configs, so that what it shows is exactly what ``topkd train`` / ``topkd distill
 
 Only the schedule and data size differ from the configs, as ``key=value`` overrides (printed,
 and saved in every run's ``config.yaml``): ``train.epochs``, ``data.train_subset``,
-``data.val_fraction``, ``data.num_workers=0``, ``data.eval_batch_size``, ``data.root``.
+``data.val_fraction``, ``data.num_workers=0``, ``data.eval_batch_size``, ``data.root``, and
+the speed switches when given (``--amp``, ``--channels-last``, ``--compile``, ``--loader``; by
+default the configs' ``auto``, the engine's fast path, docs/training.md "Speed").
 The loss hyper-parameters are the configs' own.
 """
 
@@ -48,6 +50,12 @@ TEACHER_CONFIG = "teachers/fashion_mnist/fmnist_cnn_teacher.yaml"
 METHOD_CONFIGS = {m: f"fashion_mnist/teacher_student/{m}.yaml" for m in METHODS if m != "ce"}
 METHOD_CONFIGS["ce"] = "students/fashion_mnist/fmnist_cnn_student.yaml"
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The engine's speed switches (docs/training.md, "Speed"): demo option choices per config key.
+SPEED_SWITCHES = {"train.amp": ("auto", "none", "bf16", "fp16"),
+                  "train.channels_last": ("auto", "on", "off"),
+                  "train.compile": ("auto", "on", "off"),
+                  "data.loader": ("auto", "batched", "dataloader")}
+_ON_OFF = {"on": "true", "off": "false"}
 INSTALL_HINT = (
     "Fashion-MNIST is needed. Install it with `sudo apt-get install dataset-fashion-mnist` "
     "(Debian/Ubuntu; `bash scripts/bootstrap.sh` does this), or pass --data-root DIR containing "
@@ -75,6 +83,10 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         ov.append(f"data.batch_size={args.batch_size}")
     if args.device:
         ov.append(f"train.device={args.device}")
+    for key in SPEED_SWITCHES:
+        v = getattr(args, key.split(".")[1], None)
+        if v is not None:
+            ov.append(f"{key}={_ON_OFF.get(v, v)}")
     return ov
 
 
@@ -387,6 +399,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="data.eval_batch_size (default 1000)")
     d.add_argument("--configs-dir", default=str(DEFAULT_CONFIG_DIR),
                    help="the repository's configs/ directory (default: next to the package)")
+    sp = parser.add_argument_group(
+        "speed (overrides of the configs' auto switches; all off: --amp none --channels-last "
+        "off --compile off --loader dataloader)")
+    for key, choices in SPEED_SWITCHES.items():
+        sp.add_argument(f"--{key.split('.')[1].replace('_', '-')}", choices=choices,
+                        default=None, help=f"{key} (default: the config's, auto)")
     c = parser.add_argument_group("teacher-logit cache")
     c.add_argument("--views", type=int, default=4,
                    help="augmented views per image stored in the teacher-logit cache (default 4)")

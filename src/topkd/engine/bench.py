@@ -1,16 +1,19 @@
 """Throughput of the engine's distillation step on synthetic data (no dataset needed).
 
     python -m topkd.engine.bench --teacher resnet32x4 --student resnet8x4 --batch 64 --steps 5
-    python -m topkd.engine.bench --device cuda --amp bf16 --channels-last --compile
+    python -m topkd.engine.bench --device cuda --compare-amp --steps 50 --warmup 10
+    python -m topkd.engine.bench --amp none --channels-last off --compile off   # all off
     python -m topkd.engine.bench --methods kd,fitnet,at,crd --repeats 3   # cost relative to kd
 
 Runs the engine's own :class:`~topkd.engine.step.TrainStep` (teacher forward under
 inference_mode, or no_grad with the feature taps a method asks for; student forward/backward, the
 method's loss, SGD step over student and method parameters) with random-weight models on random
-images, so it measures compute only (no data loading, no evaluation). Reports images/s after
-warm-up. ``--methods`` times several methods in one run, interleaved (each repeat times every
-method once, in turn, so that a load change on a shared machine hits all of them), and reports
-the median seconds per step and its ratio to the first method's.
+images, so it measures compute only (no data loading, no evaluation). The speed switches
+default to ``auto``, the engine's defaults (:mod:`topkd.engine.speed`); the output names what they
+resolved to. Reports images/s after warm-up and the first step's time (which holds any
+compilation) apart. ``--methods`` times several methods in one run, interleaved (each repeat
+times every method once, in turn, so that a load change on a shared machine hits all of them),
+and reports the median seconds per step and its ratio to the first method's.
 """
 
 from __future__ import annotations
@@ -38,27 +41,28 @@ from topkd.utils.dist import resolve_device
 
 
 def build_step(teacher: str, student: str, method: str = "kd", num_classes: int = 100,
-               device: str = "auto", amp: str = "none", channels_last: bool = False,
-               compile: bool = False, teacher_model: torch.nn.Module | None = None,
+               device: str = "auto", amp: str = "auto", channels_last: bool | str = "auto",
+               compile: bool | str = "auto", teacher_model: torch.nn.Module | None = None,
                size: int = 32, num_samples: int = 50_000) -> TrainStep:
     """The engine's :class:`~topkd.engine.step.TrainStep` for a teacher/student pair.
 
     Built as the trainer builds it (:func:`~topkd.engine.step.build_train_step`) from a real
-    :class:`Config` (``method.name=method`` with its reference defaults, default optimiser); the
+    :class:`Config` (``method.name=method`` with its reference defaults, default optimiser,
+    ``train.amp/channels_last/compile`` as given: ``"auto"`` = the engine's defaults); the
     teacher has random weights (they do not change the cost) and is dropped for methods without
     a teacher (e.g. ``"ce"``: the student alone, as ``topkd train``). ``teacher_model`` reuses
-    an existing teacher instead of creating one. Methods with trainable modules are sized from
+    an existing teacher instead of creating one (converted to channels_last in place if the
+    step uses it). Methods with trainable modules are sized from
     the models as the trainer does (``MethodContext`` with ``size x size`` inputs and
     ``num_samples`` training samples with balanced labels).
     """
     dev = resolve_device(device)
     cfg = Config.from_dict({"train": {"amp": amp, "channels_last": channels_last,
                                       "compile": compile}, "method": {"name": method}})
-    mf = torch.channels_last if channels_last else torch.preserve_format
-    s = create_model(student, num_classes).to(dev, memory_format=mf)
+    s = create_model(student, num_classes).to(dev)  # build_train_step: memory format
     t: torch.nn.Module | None = None
     if method_class(params_from_dict(cfg.method)).needs_teacher:
-        t = teacher_model or create_model(teacher, num_classes).to(dev, memory_format=mf).eval()
+        t = teacher_model or create_model(teacher, num_classes).to(dev).eval()
         t.requires_grad_(False)
     ctx = MethodContext(num_classes=num_classes, student=s, teacher=t,
                         input_size=(3, size, size), num_samples=num_samples,
@@ -70,30 +74,48 @@ def build_step(teacher: str, student: str, method: str = "kd", num_classes: int 
 
 def step_throughput(teacher: str, student: str, loss: str = "kd", batch: int = 64,
                     steps: int = 5, warmup: int = 2, num_classes: int = 100, size: int = 32,
-                    device: str = "auto", amp: str = "none", channels_last: bool = False,
-                    compile: bool = False, seed: int = 0) -> dict[str, Any]:
+                    device: str = "auto", amp: str = "auto", channels_last: bool | str = "auto",
+                    compile: bool | str = "auto", cached: bool = False, in_channels: int = 3,
+                    seed: int = 0) -> dict[str, Any]:
+    """images/s of the engine's step after ``warmup`` steps (the first one, which holds any
+    compilation, is reported apart as ``first_step_s``). ``cached``: the teacher's logits are
+    precomputed (float16, as the teacher-logit cache stores them) and passed as ``cached``."""
     torch.manual_seed(seed)
     step = build_step(teacher, student, loss, num_classes, device, amp, channels_last, compile,
                       size=size)
-    run = _runner(step, batch, num_classes, size)
-    run(warmup)
+    run = _runner(step, batch, num_classes, size, in_channels, cached)
+    first, _, _ = run(1)
+    run(max(warmup - 1, 0))
     dt, _, out = run(steps)
     return {"teacher": teacher, "student": student, "loss": loss, "batch": batch,
-            "steps": steps, "device": str(step.device), "amp": amp, "channels_last": channels_last,
-            "compile": compile, "threads": torch.get_num_threads(),
+            "steps": steps, "device": str(step.device), "cached": cached,
+            "amp": str(step.amp_dtype).replace("torch.", "") if step.amp_dtype else "none",
+            "channels_last": step.channels_last,
+            "compiled": [c.name for c in step.compiled if c.is_compiled],
+            "threads": torch.get_num_threads(), "first_step_s": first,
             "s_per_step": dt / steps, "images_per_s": batch * steps / dt,
             "loss_value": float(out.total.detach())}
 
 
-def _runner(step: TrainStep, batch: int, num_classes: int, size: int):
+def _runner(step: TrainStep, batch: int, num_classes: int, size: int, in_channels: int = 3,
+            cached: bool = False):
     """``run(n) -> (wall seconds, process CPU seconds, last LossOutput)``: ``n`` steps on one
-    fixed synthetic batch (with sample indices and extra views when the method asks for them)."""
+    fixed synthetic batch (with sample indices and extra views when the method asks for them).
+    ``cached``: the teacher's logits of that batch are computed once (float16, as the
+    teacher-logit cache stores them) and the step runs without its teacher."""
     dev = step.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    x = torch.randn(batch, 3, size, size, device=dev)
+    x = torch.randn(batch, in_channels, size, size, device=dev)
     y = torch.randint(0, num_classes, (batch,), device=dev)
     m = step.method
     kw: dict[str, Any] = {}
+    if cached:
+        if step.teacher is None:
+            raise ValueError(f"--cached: method {m.name!r} has no teacher")
+        with torch.inference_mode(), step.autocast():
+            kw["cached"] = step.teacher(x.contiguous(memory_format=torch.channels_last)
+                                        if step.channels_last else x).half()
+        step.teacher = step._teacher_run = None  # as with train.teacher_cache: no teacher
     if m.needs_index:
         kw["index"] = torch.arange(batch, device=dev)
     if m.extra_views:
@@ -169,8 +191,8 @@ def _tensors(out: ModelOutput | None) -> list[torch.Tensor]:
 def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str = "resnet8x4",
                  batch: int = 64, steps: int = 2, warmup: int = 1, repeats: int = 3,
                  num_classes: int = 100, size: int = 32, device: str = "auto",
-                 amp: str = "none", channels_last: bool = False, seed: int = 0
-                 ) -> list[dict[str, Any]]:
+                 amp: str = "none", channels_last: bool = False, compile: bool = False,
+                 seed: int = 0) -> list[dict[str, Any]]:
     """The training-step cost of each method relative to ``methods[0]`` (e.g. KD).
 
     Every method gets its own student (same seed) and method modules; the teacher is shared.
@@ -193,7 +215,7 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
     for name in methods:
         torch.manual_seed(seed)
         st = build_step(teacher, student, name, num_classes, str(dev), amp, channels_last,
-                        teacher_model=t_model, size=size)
+                        compile, teacher_model=t_model, size=size)
         extra[name] = sum(p.numel() for p in st.method.parameters() if p.requires_grad)
         runs[name] = _runner(st, batch, num_classes, size)
         runs[name](warmup)
@@ -226,6 +248,10 @@ def method_costs(methods: list[str], teacher: str = "resnet32x4", student: str =
     return rows
 
 
+def _switch(v: str) -> bool | str:
+    return {"on": True, "off": False}.get(v, v)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m topkd.engine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,20 +262,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--size", type=int, default=32, help="image side")
+    p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--cached", action="store_true",
+                   help="teacher logits precomputed (as with train.teacher_cache)")
+    p.add_argument("--compare-amp", action="store_true",
+                   help="run --amp none and --amp bf16 (other switches as given) and print the "
+                        "bf16/fp32 images/s ratio")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods to compare (ratios to the first), e.g. "
                         "kd,fitnet,at")
     p.add_argument("--repeats", type=int, default=3, help="rounds of --methods timing (each "
-                   "times --steps steps of every method)")
+                   "times --steps steps of every method; switches 'auto' mean off there)")
     a = p.parse_args(argv)
     if a.methods:
+        # The method-cost table compares the methods' own cost: fp32, eager, NCHW unless asked.
+        on = {"auto": False, "on": True, "off": False}
         rows = method_costs(a.methods.split(","), a.teacher, a.student, a.batch, a.steps,
-                            a.warmup, a.repeats, device=a.device, amp=a.amp,
-                            channels_last=a.channels_last)
+                            a.warmup, a.repeats, a.num_classes, a.size, device=a.device,
+                            amp="none" if a.amp == "auto" else a.amp,
+                            channels_last=on[a.channels_last], compile=on[a.compile])
         ref, cpu = rows[0]["method"], "cpu_ratio" in rows[0]
         head = f"| method | wall s/step | wall x {ref} |"
         head += f" CPU s/step | CPU x {ref} |" if cpu else ""
@@ -263,11 +300,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['loss_saved_mib']:.1f} |")
         print(json.dumps(rows))
         return 0
+    kw = dict(loss=a.loss, batch=a.batch, steps=a.steps, warmup=a.warmup,
+              num_classes=a.num_classes, size=a.size, device=a.device,
+              channels_last=_switch(a.channels_last), compile=_switch(a.compile),
+              cached=a.cached, in_channels=a.in_channels)
     with contextlib.suppress(KeyboardInterrupt):
-        r = step_throughput(a.teacher, a.student, a.loss, a.batch, a.steps, a.warmup,
-                            device=a.device, amp=a.amp, channels_last=a.channels_last,
-                            compile=a.compile)
-        print(json.dumps(r))
+        if a.compare_amp:
+            r = {amp: step_throughput(a.teacher, a.student, amp=amp, **kw)
+                 for amp in ("none", "bf16")}
+            for v in r.values():
+                print(json.dumps(v))
+            print(json.dumps({"bf16_over_fp32": r["bf16"]["images_per_s"]
+                              / r["none"]["images_per_s"]}))
+        else:
+            print(json.dumps(step_throughput(a.teacher, a.student, amp=a.amp, **kw)))
     return 0
 
 

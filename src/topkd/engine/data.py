@@ -153,13 +153,34 @@ def _loader_kw(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     }
 
 
-def train_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> tuple[DataLoader, torch.Generator]:
+def _batched(ds: Dataset, cfg: Config, sampler: Sampler[int], batch_size: int,
+             dist: DistInfo, drop_last: bool, what: str) -> Any:
+    """The :class:`~topkd.engine.batched.BatchedLoader` of ``ds`` per ``data.loader``, or
+    ``None`` for the DataLoader path."""
+    from topkd.engine.batched import batched_loader, why_not
+
+    mode = cfg.data.loader
+    if mode == "dataloader":
+        return None
+    why = why_not(ds)
+    if why is not None:
+        if mode == "batched":
+            raise ConfigError(f"data.loader=batched: the {what} set of {cfg.data.name!r} cannot be "
+                              f"batched: {why}; use data.loader=auto or dataloader")
+        return None
+    return batched_loader(ds, sampler, batch_size, dist.device, drop_last=drop_last,
+                          seed=cfg.seed)
+
+
+def train_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> tuple[Any, torch.Generator]:
     """Shuffled loader whose order depends only on ``(seed, epoch)`` (``sampler.set_epoch``).
 
     A ``DistributedSampler`` is used even for one process: its permutation
     (``randperm(n, seed + epoch)``) does not depend on the world size, so an N-rank run sees the
     same global batches as a single process with the same global batch size, and a resumed run
-    continues the exact data order from the epoch number alone.
+    continues the exact data order from the epoch number alone. In-memory datasets get the
+    :class:`~topkd.engine.batched.BatchedLoader` (same order, batches on the device) unless
+    ``data.loader=dataloader``.
     """
     from topkd.data.augment import mixes_batches
 
@@ -169,8 +190,10 @@ def train_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> tuple[DataLoader, 
     # Mixup/CutMix pair the images of a batch: drop the last incomplete one (as timm/DeiT).
     mixing = mixes_batches(cfg.data)
     bs = per_rank_batch(cfg.data.batch_size, dist.world_size, "data.batch_size")
-    loader = DataLoader(ds, batch_size=bs, sampler=sampler, generator=gen, drop_last=mixing,
-                        **_loader_kw(cfg, dist))
+    loader = _batched(ds, cfg, sampler, bs, dist, mixing, "training")
+    if loader is None:
+        loader = DataLoader(ds, batch_size=bs, sampler=sampler, generator=gen, drop_last=mixing,
+                            **_loader_kw(cfg, dist))
     if mixing and len(loader) == 0:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: with Mixup/CutMix the last "
                           f"incomplete batch is dropped, and {len(sampler)} training images per "
@@ -178,8 +201,12 @@ def train_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> tuple[DataLoader, 
     return loader, gen
 
 
-def eval_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> DataLoader:
+def eval_loader(ds: Dataset, cfg: Config, dist: DistInfo) -> Any:
     bs = max(1, cfg.data.eval_batch_size // dist.world_size)
+    sampler = ShardSampler(len(ds), dist.rank, dist.world_size)  # type: ignore[arg-type]
+    loader = _batched(ds, cfg, sampler, bs, dist, False, "evaluation")
+    if loader is not None:
+        return loader
     # A private generator so evaluation never draws from the global RNG.
-    return DataLoader(ds, batch_size=bs, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
+    return DataLoader(ds, batch_size=bs, sampler=sampler,
                       generator=torch.Generator().manual_seed(0), **_loader_kw(cfg, dist))

@@ -32,7 +32,7 @@ class _Runner:
     def __init__(self, model: nn.Module, kinds: tuple[str, ...],
                  call: Callable[[Tensor], Tensor] | None = None) -> None:
         self.kinds = kinds
-        self.call = call or model
+        self.call = call if call is not None else model
         self.taps = None
         if kinds:
             from topkd.models.features import FeatureTaps
@@ -96,7 +96,11 @@ class TrainStep:
         teacher: the frozen teacher, or ``None`` (method without teacher, or cached logits).
         method: the distillation method (its parameters are optimised too).
         optimizer: over the student's and the method's parameters.
-        device, amp_dtype, channels_last, compile, grad_clip: engine settings.
+        device, amp_dtype, channels_last, compile, grad_clip: engine settings, resolved
+            (:mod:`topkd.engine.speed`). ``compile``: the student, the teacher and the method's
+            loss run through :class:`~topkd.engine.speed.CompiledOrEager` (each falls back to
+            eager on its own); the modules themselves are not wrapped, so their state_dicts keep
+            their keys.
         ddp: wrap student + method in ``DistributedDataParallel``.
     """
 
@@ -109,7 +113,13 @@ class TrainStep:
         self.optimizer, self.device = optimizer, device
         self.amp_dtype, self.channels_last, self.grad_clip = amp_dtype, channels_last, grad_clip
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-        student_call = torch.compile(student) if compile else None
+        from topkd.engine.speed import CompiledOrEager, compile_method
+
+        self.compiled: list[CompiledOrEager] = []
+        student_call = None
+        if compile:
+            student_call = CompiledOrEager(student, "the student")
+            self.compiled = [student_call, *compile_method(method)]
         self.distiller = Distiller(student, method, student_call)
         self.distiller.autocast = self.autocast
         self.train_module: nn.Module = self.distiller
@@ -124,7 +134,9 @@ class TrainStep:
                 find_unused_parameters=method.ddp_find_unused_parameters)
         self._teacher_run = None
         if teacher is not None:
-            t_call = torch.compile(teacher) if compile else teacher
+            t_call = CompiledOrEager(teacher, "the teacher") if compile else None
+            if t_call is not None:
+                self.compiled.append(t_call)
             self._teacher_run = _Runner(teacher, tuple(method.teacher_taps), t_call)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         # An optimizer that needs the task and distillation parts of the loss (DOT) runs its own
@@ -165,13 +177,12 @@ class TrainStep:
                  ) -> tuple[LossOutput, Tensor]:
         if self.mix is not None:  # the teacher sees the same mixed images as the student
             x, y = self.mix(x, y)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        mf = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.contiguous(memory_format=mf)
         teacher = self.teacher_outputs(x, cached)
         vouts = {}
         for name, xv in (views or {}).items():
-            if self.channels_last:
-                xv = xv.contiguous(memory_format=torch.channels_last)
+            xv = xv.contiguous(memory_format=mf)
             vouts[name] = (xv, self.teacher_outputs(xv, None))
         with self._ddp_sync():
             out, logits = self.train_module(x, y, teacher, epoch, index, vouts or None)
@@ -196,22 +207,37 @@ class TrainStep:
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
 
+    def speed_settings(self) -> dict[str, Any]:
+        """What ``train.amp/channels_last/compile`` resolved to (``compiled``: the components
+        running compiled now, i.e. without those that fell back to eager)."""
+        return {"amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+                "channels_last": self.channels_last,
+                "compiled": [c.name for c in self.compiled if c.is_compiled]}
+
 
 def build_train_step(cfg: Any, student: nn.Module, teacher: nn.Module | None, method: Method,
                      device: torch.device, *, ddp: bool = False) -> TrainStep:
     """The optimizer and :class:`TrainStep` of a config (``cfg.optim``, ``cfg.train``), as the
-    trainer and the benchmark (``topkd.engine.bench``) build them."""
+    trainer and the benchmark (``topkd.engine.bench``) build them.
+
+    Resolves the speed switches (:mod:`topkd.engine.speed`) and, with channels_last, converts
+    the student, the teacher and the method's modules in place."""
     import warnings
 
     from topkd.engine.optim import build_optimizer
+    from topkd.engine.speed import resolve_amp, resolve_channels_last, resolve_compile
 
     t = cfg.train
-    cuda = device.type == "cuda"
-    if t.amp != "none" and not cuda:
-        warnings.warn(f"train.amp={t.amp} ignored on {device} (AMP is CUDA-only here)",
-                      stacklevel=3)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if cuda else None
+    amp_dtype = resolve_amp(t.amp, device)
+    if t.amp not in ("none", "auto") and amp_dtype is None:
+        warnings.warn(f"train.amp={t.amp} ignored on {device} (fp16 autocast is CUDA-only here; "
+                      "bf16 runs on CUDA and the CPU)", stacklevel=3)
+    channels_last = resolve_channels_last(t.channels_last, student, teacher)
+    if channels_last:
+        for m in (student, teacher, method):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, [*student.parameters(), *method.parameters()])
     return TrainStep(student, teacher, method, optimizer, device=device, amp_dtype=amp_dtype,
-                     channels_last=t.channels_last, compile=t.compile, grad_clip=t.grad_clip,
-                     ddp=ddp)
+                     channels_last=channels_last, compile=resolve_compile(t.compile, device),
+                     grad_clip=t.grad_clip, ddp=ddp)

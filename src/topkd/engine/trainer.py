@@ -29,6 +29,7 @@ from tqdm import tqdm
 from topkd.config import Config, ConfigError
 from topkd.data.augment import build_batch_mix
 from topkd.engine.augment import check_augmentation, unpack_images
+from topkd.engine.batched import BatchedLoader
 from topkd.engine.data import build_datasets, eval_loader, train_loader
 from topkd.engine.evaluate import evaluate
 from topkd.engine.optim import LRSchedule, set_lr
@@ -170,8 +171,7 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 warnings.warn("train.sync_bn needs CUDA; ignored on CPU", stacklevel=2)
-        mf = torch.channels_last if c.train.channels_last else torch.preserve_format
-        return model.to(self.device, memory_format=mf)
+        return model.to(self.device)  # channels_last: build_train_step
 
     def _build_teacher(self) -> nn.Module:
         from topkd.checkpoints import (
@@ -199,8 +199,8 @@ class Trainer:
                               ) from None
         except (ValueError, TypeError, UnsafeCheckpointError) as e:
             raise ConfigError(f"teacher: {e}") from None  # incl. CorruptCheckpointError
-        mf = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
-        return teacher.to(self.device, memory_format=mf).eval().requires_grad_(False)
+        # channels_last: build_train_step
+        return teacher.to(self.device).eval().requires_grad_(False)
 
     def _build_method(self) -> nn.Module:
         from topkd.methods import MethodContext, ParamError, create_method
@@ -346,6 +346,9 @@ class Trainer:
         self.cfg.save(self.run_dir / "config.yaml")
         env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
         env["mode"] = self.mode
+        env["speed"] = self.step.speed_settings()  # what the auto switches resolved to
+        env["speed"]["loader"] = ("batched" if isinstance(self.train_loader, BatchedLoader)
+                                  else "dataloader")
         env_path = self.run_dir / "env.json"
         if self.resumed_from is not None and env_path.is_file():
             # Keep the original environment; record each resume (host, versions may differ).
@@ -478,7 +481,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         self._sync_buffers()
-        ev = {"autocast": self.autocast, "channels_last": self.cfg.train.channels_last}
+        ev = {"autocast": self.autocast, "channels_last": self.step.channels_last}
         net = self.method.eval_model(self.model)
         val = evaluate(net, self.val_loader, self.device, **ev) if self.val_loader else None
         test = evaluate(net, self.test_loader, self.device, **ev)
