@@ -50,7 +50,6 @@ import copy
 import dataclasses
 import json
 import random
-import shutil
 import sys
 import time
 import traceback
@@ -268,6 +267,15 @@ def finished(run_dir: Path, cfg: Any) -> bool:
     return (run_dir / "summary.json").is_file() and _matches(run_dir, cfg)
 
 
+def _aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to the first free ``<name>.stale-<n>`` next to it."""
+    n = 1
+    while (stale := run_dir.with_name(f"{run_dir.name}.stale-{n}")).exists():
+        n += 1
+    run_dir.rename(stale)
+    return stale
+
+
 class Runner:
     """Runs (or skips) engine runs, one after another, and records what happened."""
 
@@ -287,7 +295,10 @@ class Runner:
         resume = "auto" if (run_dir / "checkpoints" / "last.pt").is_file() and \
             _matches(run_dir, cfg) else None
         if resume is None and run_dir.exists():
-            shutil.rmtree(run_dir)  # another config's leftovers
+            # another config's run (a changed default, an edited recipe): moved aside, never
+            # deleted -- it may be a teacher that took an hour, or results a report cites
+            stale = _aside(run_dir)
+            self.log(f"[testbed] {rel}: config changed; the old run moved to {stale.name}")
         try:
             trainer = Trainer(cfg, mode, run_dir, resume=resume, quiet=quiet,
                               argv=["benchmarks/testbed.py"])

@@ -285,3 +285,26 @@ def _args(tb, out, datasets):
     ns = argparse.Namespace(out=str(out), quick=False, seeds=None, methods="kd,dkd",
                             datasets=datasets, data_root=None, argv=argv)
     return ns
+
+
+def test_a_changed_config_moves_the_old_run_aside_never_deletes_it(tb, tmp_path):
+    """A run directory of another config (a changed default) is renamed, not removed: it may
+    be a teacher that took an hour."""
+    from topkd.config import Config
+
+    run_dir = tmp_path / "teachers" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("train: {epochs: 99}\n")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights")
+    cfg = Config.from_dict({"method": {"name": "ce"}, "data": {"name": "fashion_mnist"}})
+    logs: list[str] = []
+    rec = tb.Runner(tmp_path, log=logs.append).run(cfg, "distill", run_dir)
+    assert rec["status"] == "unsupported"  # distill without a teacher term: refused
+    assert (tmp_path / "teachers" / "t.stale-1" / "checkpoints" / "best.pt").read_bytes() == \
+        b"weights"
+    assert any("moved to t.stale-1" in m for m in logs)
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "config.yaml").write_text("train: {epochs: 98}\n")
+    tb.Runner(tmp_path, log=logs.append).run(cfg, "distill", run_dir)
+    assert (tmp_path / "teachers" / "t.stale-2" / "config.yaml").is_file()
