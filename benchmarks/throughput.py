@@ -32,8 +32,9 @@ being teacher logits precomputed in float16 (the cache's default storage), no lo
 Every loop sees the same batches; rounds are interleaved (round 0 is warm-up, which also holds
 any compilation) and the median per loop is reported, as wall-clock AND process CPU time (with
 one thread the CPU time is what an idle core would show; the shared benchmark box is often
-oversubscribed). ``--epoch`` also times one full epoch of the in-memory loop of
-``_fmnist_loop.py`` (the Fashion-MNIST benchmark's) online vs cached.
+oversubscribed). ``--epoch`` also times one whole engine epoch (:class:`topkd.engine.Trainer`
+on ``configs/fashion_mnist/teacher_student/kd.yaml``: its loader, steps, evaluation) with the
+teacher online vs a teacher-logit cache.
 
     python benchmarks/throughput.py [--threads 1] [--batch-size 128] [--steps 20] [--rounds 5]
         [--data] [--bf16] [--compile] [--cifar [--cifar-steps 3 --cifar-rounds 2]] [--epoch]
@@ -58,10 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _fmnist_loop import METHODS, load_data, train_student
-from topkd.cache import ReplayableCropFlip, build_cache, wrap_dataset
+from topkd.cache import build_cache, wrap_dataset
 from topkd.engine.bench import build_step
 from topkd.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REF = "plain KD (online)"
 DATA_REF = "plain KD + DataLoader (online)"
@@ -158,7 +160,7 @@ def time_loops(loops: dict[str, Iteration], steps: int, rounds: int, batch_size:
     return res
 
 
-def data_loops(teacher: nn.Module, data: Any, cached: Any, bs: int, root: str | None
+def data_loops(teacher: nn.Module, fit_idx: list[int], cached: Any, bs: int, root: str | None
                ) -> dict[str, Iteration]:
     """Whole iterations (loading included) over the Fashion-MNIST training subset ``fit``:
     DataLoader + plain step vs the engine's loader + default step (see ``--data``)."""
@@ -169,7 +171,6 @@ def data_loops(teacher: nn.Module, data: Any, cached: Any, bs: int, root: str | 
     from topkd.engine.data import train_loader
     from topkd.utils.dist import DistInfo
 
-    fit_idx = data.fit_idx.tolist()
     aug = Subset(get_dataset("fashion_mnist", root, "train"), fit_idx)
     cfg = Config.from_dict({"data": {"name": "fashion_mnist", "batch_size": bs}})
     dist = DistInfo(device=torch.device("cpu"))
@@ -247,7 +248,7 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", action="store_true",
                    help="also the train.compile=true rows (inductor; compilation in warm-up s)")
     p.add_argument("--epoch", action="store_true",
-                   help="also time one epoch of the in-memory benchmark loop per mode")
+                   help="also time one engine epoch (Trainer) with the teacher online vs cached")
     p.add_argument("--epoch-subset", type=int, default=20000)
     p.add_argument("--data-root", default=None)
     p.add_argument("--json", default=None, help="write the figures here")
@@ -255,17 +256,18 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     bs, steps = a.batch_size, a.steps
-    data = load_data(a.data_root, 0.1, subset=bs * steps, teacher_subset=bs * steps,
-                     test_subset=1000)
+    from torch.utils.data import Subset
+
+    from topkd.data import get_dataset
+
+    train = get_dataset("fashion_mnist", a.data_root, "train", augment=False)
     loops, teacher = make_loops("fmnist_cnn_teacher", "fmnist_cnn_student", 10, a.bf16,
                                 a.compile)
     tmp = Path(tempfile.mkdtemp(prefix="topkd-tp-"))
-    from torch.utils.data import Subset
-
-    fit = Subset(data.train, data.fit_idx.tolist())
-    build_cache(teacher, fit, tmp / "c", views=4, progress=False,
-                augment=ReplayableCropFlip(padding=2), dataset_name="fashion_mnist",
-                mean=data.mean, std=data.std)
+    fit_idx = list(range(bs * steps))
+    fit = Subset(train, fit_idx)
+    # the dataset's own crop/flip recipe (pad 2 + flip), replayed per cached view
+    build_cache(teacher, fit, tmp / "c", views=4, progress=False, dataset_name="fashion_mnist")
     cached = wrap_dataset(fit, tmp / "c")
     cached.set_epoch(1)
     batches = list(cached.iter_batches(bs, shuffle=False))  # (x, y, t) — identical for all
@@ -281,7 +283,7 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     print_table("fmnist_cnn_teacher -> fmnist_cnn_student (Fashion-MNIST batches)",
                 step_res["fmnist"])
     if a.data:
-        dl = data_loops(teacher, data, cached, bs, a.data_root)
+        dl = data_loops(teacher, fit_idx, cached, bs, a.data_root)
         step_res["fmnist_data"] = time_loops(dl, steps, a.rounds, bs, ref=DATA_REF)
         print_table("fmnist_cnn_teacher -> fmnist_cnn_student, iterations with data loading",
                     step_res["fmnist_data"], ref=DATA_REF)
@@ -305,28 +307,44 @@ def benchmark(argv: list[str] | None = None) -> dict[str, Any]:
                     step_res["cifar"])
     out: dict[str, Any] = {"step": step_res, "threads": a.threads, "batch_size": bs}
     if a.epoch:
-        ed = load_data(a.data_root, 0.1, subset=a.epoch_subset, teacher_subset=1000,
-                       test_subset=1000)
-        efit = Subset(ed.train, ed.fit_idx.tolist())
-        build_cache(teacher, efit, tmp / "e", views=4, progress=False,
-                    augment=ReplayableCropFlip(padding=2), dataset_name="fashion_mnist",
-                    mean=ed.mean, std=ed.std)
-        ecached = wrap_dataset(efit, tmp / "e")
-        ep: dict[str, dict[str, float]] = {}
-        for name, kw in (("online", {"teacher": teacher}), ("cache", {"cached": ecached})):
-            w0, c0 = time.perf_counter(), time.process_time()
-            r = train_student(METHODS["kd"], ed, 1, 0, bs=bs, method="kd", **kw)
-            ep[name] = {"train_wall_s": r.epoch_time_s,
-                        "total_cpu_s": time.process_time() - c0,
-                        "total_wall_s": time.perf_counter() - w0}
-        print(f"\nOne KD epoch on {len(ed.fit_idx)} images (training part, wall): online "
-              f"{ep['online']['train_wall_s']:.1f} s, cache {ep['cache']['train_wall_s']:.1f} s"
-              f" -> {ep['online']['train_wall_s'] / ep['cache']['train_wall_s']:.2f}x; CPU incl."
-              f" eval: {ep['online']['total_cpu_s']:.1f} s vs {ep['cache']['total_cpu_s']:.1f} s")
-        out["epoch"] = ep
+        out["epoch"] = engine_epoch(teacher, a.data_root, a.epoch_subset, bs, tmp)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return out
+
+
+def engine_epoch(teacher: nn.Module, data_root: str | None, subset: int, bs: int, tmp: Path
+                 ) -> dict[str, dict[str, float]]:
+    """One KD epoch of the engine (``Trainer.fit`` with its defaults, evaluation included) with
+    the teacher online and with a teacher-logit cache of the same training images (4 views)."""
+    from topkd.checkpoints import save_weights
+    from topkd.config import load_config
+    from topkd.engine import Trainer
+    from topkd.engine.data import build_datasets
+
+    ckpt = tmp / "teacher.pt"
+    save_weights(teacher, ckpt)
+    ov = [f"data.train_subset={subset}", "train.epochs=1", "data.num_workers=0",
+          f"data.batch_size={bs}", f"teacher.checkpoint={ckpt}", f"output_dir={tmp}",
+          "train.device=cpu"] + ([f"data.root={data_root}"] if data_root else [])
+    leaf = ROOT / "configs" / "fashion_mnist" / "teacher_student" / "kd.yaml"
+    cfg = load_config(leaf, ov)
+    build_cache(teacher, build_datasets(cfg).train, tmp / "e", views=4, progress=False,
+                teacher_name=cfg.teacher.name, checkpoint=ckpt, dataset_name=cfg.data.name)
+    ep: dict[str, dict[str, float]] = {}
+    for name, extra in (("online", []), ("cache", [f"train.teacher_cache={tmp / 'e'}"])):
+        run = load_config(leaf, [*ov, *extra, f"name=epoch_{name}"])
+        w0, c0 = time.perf_counter(), time.process_time()
+        trainer = Trainer(run, "distill", quiet=True)
+        trainer.fit()
+        ep[name] = {"train_wall_s": float(trainer.rows[-1]["epoch_time_s"]),
+                    "total_cpu_s": time.process_time() - c0,
+                    "total_wall_s": time.perf_counter() - w0}
+    print(f"\nOne engine KD epoch on {subset} images (training part, wall): online "
+          f"{ep['online']['train_wall_s']:.1f} s, cache {ep['cache']['train_wall_s']:.1f} s"
+          f" -> {ep['online']['train_wall_s'] / ep['cache']['train_wall_s']:.2f}x; CPU incl."
+          f" eval: {ep['online']['total_cpu_s']:.1f} s vs {ep['cache']['total_cpu_s']:.1f} s")
+    return ep
 
 
 def main(argv: list[str] | None = None) -> int:

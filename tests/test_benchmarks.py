@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_throughput(monkeypatch):
-    # the script imports its sibling ``_fmnist_loop`` as ``python benchmarks/throughput.py`` would
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_throughput",
                                                   ROOT / "benchmarks" / "throughput.py")
     assert spec is not None and spec.loader is not None
@@ -63,6 +61,28 @@ def test_throughput_benchmark_runs_engine_step(monkeypatch, tmp_path):
     # (1 engine loop per tag).
     assert calls.count(0) == 12 + 4 and calls.count(1) == 12 + 4
     assert (tmp_path / "tp.json").exists()
+
+
+def test_throughput_epoch_times_the_engine_online_and_cached(monkeypatch, tmp_path):
+    from fixtures_data import write_fashion_mnist
+    from topkd.config import load_config
+    from topkd.models import create_model
+
+    tp = _load_throughput(monkeypatch)
+    write_fashion_mnist(tmp_path / "fm", n_train=200, n_test=40)
+    threads = torch.get_num_threads()
+    try:
+        ep = tp.engine_epoch(create_model("fmnist_cnn_teacher", 10), str(tmp_path / "fm"), 64,
+                             32, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(ep) == {"online", "cache"}
+    for name, v in ep.items():
+        assert v["train_wall_s"] > 0 and v["total_cpu_s"] > 0
+        cfg = load_config(tmp_path / f"epoch_{name}" / "config.yaml")  # engine run directories
+        assert cfg.data.train_subset == 64 and cfg.data.batch_size == 32
+        assert (cfg.train.teacher_cache is not None) == (name == "cache")
+        assert (tmp_path / f"epoch_{name}" / "summary.json").is_file()
 
 
 def test_recipe_time_runs_the_recipe_online_and_cached(monkeypatch, tmp_path):

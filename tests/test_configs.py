@@ -25,7 +25,7 @@ ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
 GRID = sorted((CONFIGS / "cifar100").glob("*/*.yaml"))
 LEAVES = sorted(
     p for d in ("cifar100", "imagenet", "tiny_imagenet", "cifar100_vit", "fashion_mnist",
-                "teachers", "students")
+                "fashion_mnist_pairs", "teachers", "students")
     for p in (CONFIGS / d).rglob("*.yaml")
 )  # fmt: skip
 LIGHT = {"shufflev1", "shufflev2", "mobilenetv2"}
@@ -287,6 +287,27 @@ def test_other_recipes():
               for m in ("kd_tsm_tdl", "dkd_tsm_tdl", "dkd")}
     assert leaves["kd_tsm_tdl"]["k"] == leaves["dkd_tsm_tdl"]["k"] == 2
     assert leaves["dkd"]["beta"] == leaves["dkd_tsm_tdl"]["beta"] == 4.0
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "fashion_mnist_pairs"])
+def test_testbed_datasets_teachers_and_validation_split(dataset):
+    """The testbed's strong teachers (10 epochs on every training image but the validation
+    split) and the validation split of every Fashion-MNIST-based config."""
+    (teacher_path,) = (CONFIGS / "teachers" / dataset).glob("*.yaml")
+    teacher = compose(teacher_path)
+    assert teacher["train"]["epochs"] == 10 and "train_subset" not in teacher["data"]
+    leaves = sorted((CONFIGS / dataset / "teacher_student").glob("*.yaml"))
+    assert leaves
+    for leaf in [*leaves, teacher_path, *(CONFIGS / "students" / dataset).glob("*.yaml")]:
+        cfg = compose(leaf)
+        assert cfg["data"]["name"] == dataset and cfg["data"]["val_fraction"] == 0.1, rel(leaf)
+        if "teacher" in cfg:
+            assert cfg["teacher"]["checkpoint"] == (
+                f"{teacher['output_dir']}/{teacher['name']}/checkpoints/best.pt")
+            assert cfg["teacher"]["name"] == teacher["model"]["name"]
+    if dataset == "fashion_mnist_pairs":
+        assert teacher["data"]["kwargs"] == {"train_size": 30000, "test_size": 5000,
+                                             "pair_seed": 0}
 
 
 # --------------------------------------------------------------------------- registries

@@ -129,6 +129,13 @@ def test_errors():
     with pytest.raises(ValueError, match="the student has 10 classes, the teacher 7"):
         create_method("catkd", MethodContext(num_classes=10, student=s, teacher=t,
                                              input_size=(3, 32, 32)))
+    from topkd.models import create_model
+
+    pairs = MethodContext(num_classes=100, student=create_model("fmnist_pairs_cnn_student", 100),
+                          teacher=create_model("fmnist_pairs_cnn_teacher", 100),
+                          input_size=(1, 28, 56))
+    with pytest.raises(ValueError, match=r"the student pools a \(1, 2\) grid"):
+        create_method("catkd", pairs)
 
 
 def test_engine_run_with_recomputed_and_preact_final_maps(tmp_path):

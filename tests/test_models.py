@@ -58,6 +58,9 @@ PINNED: dict[str, int] = {
     # Fashion-MNIST demo
     "fmnist_cnn_teacher": 427_882,
     "fmnist_cnn_student": 13_726,
+    # fashion_mnist_pairs (100 classes, 1x28x56): the same layers, classifier on 2 pooled cells
+    "fmnist_pairs_cnn_teacher": 476_612,
+    "fmnist_pairs_cnn_student": 22_936,
 }
 
 # sha256 (first 16 hex digits) of the ordered "key:shape" list of each state_dict. The CIFAR
@@ -67,6 +70,8 @@ PINNED: dict[str, int] = {
 LAYOUT_DIGEST: dict[str, str] = {
     "fmnist_cnn_student": "07cd7892dd00bca2",
     "fmnist_cnn_teacher": "0e54af9cfc013c70",
+    "fmnist_pairs_cnn_student": "57ea4f3d1bc89464",
+    "fmnist_pairs_cnn_teacher": "b410820d10be5403",
     "mobilenetv1": "735401b430049768",
     "mobilenetv2": "dc5f751da70599bb",
     "mobilenetv2_tinyimagenet": "97e4cb1fe921ca99",
@@ -331,6 +336,58 @@ def test_fmnist_models_info():
         assert info.default_num_classes == 10
     assert model_info("resnet8x4").num_params() == PINNED["resnet8x4"]
     assert model_info("resnet8x4").num_params(num_classes=10) == PINNED["resnet8x4"] - 90 * 257
+    for name in ("fmnist_pairs_cnn_teacher", "fmnist_pairs_cnn_student"):
+        info = model_info(name)
+        assert info.input_size == (1, 28, 56) and info.default_num_classes == 100
+
+
+@pytest.mark.parametrize("name", ["fmnist_pairs_cnn_student", "fmnist_pairs_cnn_teacher"])
+def test_pairs_models_pool_each_half_and_tell_the_order(name: str):
+    torch.manual_seed(0)
+    model = create_model(name, 100).eval()
+    x = torch.randn(3, 1, 28, 56)
+    swapped = torch.cat([x[..., 28:], x[..., :28]], -1)
+    with torch.inference_mode():
+        fmap = model.features(x)  # (B, C, 7, 14): left / right halves are columns 0-6 / 7-13
+        c = fmap.shape[1]
+        cells = torch.stack([fmap[..., :7].mean((-2, -1)), fmap[..., 7:].mean((-2, -1))], -1)
+        torch.testing.assert_close(model.forward_features(x), cells.flatten(1))
+        assert model.feature_dim == 2 * c
+        # (a, b) and (b, a) are different classes: the model is not symmetric in the halves
+        assert not torch.allclose(model(x), model(swapped))
+        # the same layers with a global pool cannot tell them apart (up to padding effects)
+        square = create_model(name.replace("pairs_", ""), 100).eval()
+        assert square.feature_dim == c
+
+
+@pytest.mark.parametrize("name", ["fmnist_cnn_teacher", "fmnist_pairs_cnn_student"])
+def test_fmnist_bn_before_relu_shapes_preact_feats(name):
+    """OFD's margins: the BatchNorms whose outputs are preact_feats[1:] (before the ReLU)."""
+    from topkd.models.bn_before_relu import bn_before_relu
+    from topkd.models.features import FeatureTaps
+
+    torch.manual_seed(0)
+    model = create_model(name, model_info(name).default_num_classes).eval()
+    bns = bn_before_relu(model)
+    outs: list[torch.Tensor] = []
+    handles = [bn.register_forward_hook(lambda m, i, o: outs.append(o.clone())) for bn in bns]
+    with torch.no_grad(), FeatureTaps(model, ["preact_feats"]) as taps:
+        _, f = taps(_input(name))
+    for h in handles:
+        h.remove()
+    assert len(bns) == len(f["preact_feats"]) - 1 == 2
+    for o, p in zip(outs, f["preact_feats"][1:]):
+        assert torch.equal(o, p)
+
+
+def test_pairs_teacher_feature_taps_on_28x56():
+    from topkd.models.features import feature_shapes
+
+    model = create_model("fmnist_pairs_cnn_teacher", 100)
+    shapes = feature_shapes(model, (1, 28, 56), ["feats", "preact_feats", "pooled_feat"])
+    assert shapes["feats"] == [(32, 28, 56), (64, 14, 28), (256, 7, 14)]
+    assert shapes["preact_feats"] == shapes["feats"]
+    assert shapes["pooled_feat"] == (512,)  # two cells of 256 channels: the classifier's input
 
 
 def test_timm_deit_tiny_cifar():

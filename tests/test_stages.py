@@ -172,7 +172,7 @@ def test_shapes_self_check_and_errors():
     with pytest.raises(ValueError, match="does not reproduce the model's logits at input size"):
         vgg.shapes((3, 64, 64))  # FCFD's VGG stages never max-pool before block 4
     with pytest.raises(ValueError, match="has no stage split"):
-        stage_split(create_model("fmnist_cnn_student", 10))
+        stage_split(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
     with pytest.raises(IndexError, match="stage index 0"):
         split.boundary({"feats": []}, 0)
     with pytest.raises(KeyError, match="need the feature taps"):
@@ -192,3 +192,37 @@ def test_frozen_bn_stats_uses_batch_statistics_and_restores():
     assert bn.track_running_stats
     bn(x)
     assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("name, size, train", [("fmnist_cnn_student", (28, 28), True),
+                                               ("fmnist_cnn_teacher", (28, 28), False),
+                                               ("fmnist_pairs_cnn_student", (28, 56), True),
+                                               ("fmnist_pairs_cnn_teacher", (28, 56), False)])
+def test_fmnist_cnn_stages(name, size, train):
+    """Our CNNs (no reference): a stage is (max-pool +) its conv-BN-ReLU blocks, written out by
+    hand here; the head pools the whole map, or each half for the pairs CNNs."""
+    m = _model(name)
+    m.train(train)
+    if train:
+        assert m.drop.p == 0.0  # students: the head without dropout is the model's own
+    x = torch.randn(3, 1, *size, generator=torch.Generator().manual_seed(1))
+    f = m.features
+    idx = [i for i, mod in enumerate(f) if isinstance(mod, torch.nn.MaxPool2d)]
+    with frozen_bn_stats(m):
+        ref = [f[:idx[0]](x)]
+        ref.append(f[idx[0]:idx[1]](ref[0]))
+        ref.append(f[idx[1]:](ref[1]))
+        cells = (1, 2) if "pairs" in name else (1, 1)
+        ref_logits = m.fc(F.adaptive_avg_pool2d(ref[-1], cells).flatten(1))
+    split = stage_split(m)
+    assert split.num_stages == 3 and split.after_relu and split.pool == cells
+    with frozen_bn_stats(m), FeatureTaps(m, split.taps) as taps:
+        logits, feats = taps(x)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for i in (1, 2):
+        torch.testing.assert_close(split.boundary(feats, i), ref[i], rtol=0, atol=0)
+        with frozen_bn_stats(m):
+            torch.testing.assert_close(split.run(ref[i].clone(), i + 1), ref_logits,
+                                       rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.final_map(feats), ref[-1])
+    assert split.shapes((1, *size))[-1] == (256 if "teacher" in name else 48, 7, size[1] // 4)

@@ -47,6 +47,7 @@ used: the cache's replayable augmentation and normalisation replace it. Any head
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -68,6 +69,7 @@ __all__ = [
     "ReplayableCropFlip",
     "TeacherLogitCache",
     "build_cache",
+    "default_augment",
     "bytes_per_sample",
     "file_sha256",
     "resolve_arrays",
@@ -87,60 +89,84 @@ class CacheMismatchError(ValueError):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReplayableCropFlip:
-    """RandomCrop(size, padding, fill) + RandomHorizontalFlip(0.5) with explicit parameters.
+    """RandomCrop(padding, fill) + RandomHorizontalFlip(0.5) with explicit parameters, per tile.
 
-    ``sample`` draws per-image parameters ``(dy, dx, flip)`` (uint8); ``apply`` applies them
-    deterministically to uint8 images ``(B, C, H, W)``: zero-pad by ``padding``, crop the
-    ``H x W`` window at ``(dy, dx)``, mirror if ``flip``. Replaying the same parameters always
-    yields the same pixels (integer indexing only, no interpolation), which is what lets cached
-    teacher logits be reused for the student's input. Equivalent to torchvision's
-    ``RandomCrop(padding=p)`` followed by ``RandomHorizontalFlip`` with those draws.
+    The image is cut into ``tiles`` equal vertical strips (1: the whole image; 2 for
+    ``fashion_mnist_pairs``, whose halves must not be swapped) and each strip gets its own
+    parameters ``(dy, dx, flip)`` (uint8), so one view has ``3 * tiles`` parameters.
+    ``sample`` draws them; ``apply`` applies them deterministically to uint8 images
+    ``(B, C, H, W)``: zero-pad each strip by ``padding``, crop the strip-sized window at
+    ``(dy, dx)``, mirror if ``flip``. Replaying the same parameters always yields the same pixels
+    (integer indexing only, no interpolation), which is what lets cached teacher logits be reused
+    for the student's input. Equivalent to :class:`topkd.data.transforms.CropFlip` (torchvision's
+    ``RandomCrop(padding=p)`` then ``RandomHorizontalFlip`` on each strip) with those draws.
     """
 
     padding: int = 4
     flip: bool = True
     fill: int = 0
+    tiles: int = 1
 
     name = "crop_flip"
-    fields = ("dy", "dx", "flip")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        one = ("dy", "dx", "flip")
+        return one if self.tiles == 1 else tuple(f"{f}{t}" for t in range(self.tiles) for f in one)
+
+    @classmethod
+    def of(cls, recipe: Any) -> ReplayableCropFlip:
+        """The replayable form of a dataset's :class:`topkd.data.transforms.CropFlip`."""
+        return cls(padding=recipe.padding, flip=recipe.flip, tiles=recipe.tiles)
 
     def schema(self) -> dict[str, Any]:
-        return {"name": self.name, "padding": self.padding, "flip": self.flip,
-                "fill": self.fill, "fields": list(self.fields)}
+        out = {"name": self.name, "padding": self.padding, "flip": self.flip,
+               "fill": self.fill, "fields": list(self.fields)}
+        if self.tiles != 1:  # caches of untiled images keep their header unchanged
+            out["tiles"] = self.tiles
+        return out
 
     @classmethod
     def from_schema(cls, schema: dict[str, Any]) -> ReplayableCropFlip:
         if schema.get("name") != cls.name:
             raise ValueError(f"unknown augmentation {schema.get('name')!r} in cache header")
         return cls(padding=int(schema["padding"]), flip=bool(schema["flip"]),
-                   fill=int(schema.get("fill", 0)))
+                   fill=int(schema.get("fill", 0)), tiles=int(schema.get("tiles", 1)))
 
     def identity(self, n: int) -> np.ndarray:
         """Parameters of the un-augmented view (centre crop, no flip) for ``n`` images."""
-        p = np.empty((n, 3), np.uint8)
-        p[:, 0] = p[:, 1] = self.padding
-        p[:, 2] = 0
-        return p
+        p = np.zeros((n, self.tiles, 3), np.uint8)
+        p[:, :, :2] = self.padding
+        return p.reshape(n, 3 * self.tiles)
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """``(n, 3)`` uint8 parameters ``(dy, dx, flip)``, dy/dx uniform in ``[0, 2*padding]``."""
-        p = np.empty((n, 3), np.uint8)
-        p[:, :2] = rng.integers(0, 2 * self.padding + 1, size=(n, 2))
-        p[:, 2] = rng.integers(0, 2, size=n) if self.flip else 0
-        return p
+        """``(n, 3 * tiles)`` uint8 parameters ``(dy, dx, flip)`` per tile, dy/dx uniform in
+        ``[0, 2*padding]``."""
+        p = np.empty((n, self.tiles, 3), np.uint8)
+        p[:, :, :2] = rng.integers(0, 2 * self.padding + 1, size=(n, self.tiles, 2))
+        p[:, :, 2] = rng.integers(0, 2, size=(n, self.tiles)) if self.flip else 0
+        return p.reshape(n, 3 * self.tiles)
 
     def apply(self, images: torch.Tensor, params: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Apply ``params`` ``(B, 3)`` to uint8 ``images`` ``(B, C, H, W)`` (vectorised)."""
-        b, _, h, w = images.shape
-        params = torch.as_tensor(np.asarray(params), dtype=torch.long).reshape(b, 3)
+        """Apply ``params`` ``(B, 3 * tiles)`` to uint8 ``images`` ``(B, C, H, W)`` (vectorised)."""
+        b, c, h, w = images.shape
+        nt = self.tiles
+        if w % nt:
+            raise ValueError(f"image width {w} is not divisible into {nt} tiles")
+        tw = w // nt
+        params = torch.as_tensor(np.asarray(params), dtype=torch.long).reshape(b * nt, 3)
+        # (B, C, H, nt, tw) -> (B*nt, C, H, tw): every strip is an image of its own
+        tiles = images.reshape(b, c, h, nt, tw).permute(0, 3, 1, 2, 4).reshape(b * nt, c, h, tw)
         pad = self.padding
-        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=self.fill)
-        rows = params[:, 0:1] + torch.arange(h)  # (B, H)
-        cols = params[:, 1:2] + torch.arange(w)  # (B, W)
+        padded = torch.nn.functional.pad(tiles, (pad, pad, pad, pad), value=self.fill)
+        rows = params[:, 0:1] + torch.arange(h)  # (B*nt, H)
+        cols = params[:, 1:2] + torch.arange(tw)  # (B*nt, tw)
         cols = torch.where(params[:, 2:3].bool(), cols.flip(1), cols)
-        bi = torch.arange(b)[:, None, None]
-        out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-        return out.permute(0, 3, 1, 2).contiguous()
+        bi = torch.arange(b * nt)[:, None, None]
+        out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B*nt,H,tw,C)
+        # (B, nt, H, tw, C) -> (B, C, H, nt, tw) = (B, C, H, W)
+        out = out.reshape(b, nt, h, tw, c).permute(0, 4, 2, 1, 3).reshape(b, c, h, w)
+        return out.contiguous()
 
 
 def _no_aug_schema() -> dict[str, Any]:
@@ -251,6 +277,21 @@ def _weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def default_augment(base: Any) -> ReplayableCropFlip:
+    """The replayable crop/flip of an (unwrapped) dataset: its ``crop_flip`` recipe (every
+    ``topkd.data`` dataset has one; per-half for ``fashion_mnist_pairs``), else crop + flip with
+    padding 2 for images up to 28x28 and 4 otherwise (Fashion-MNIST's and CIFAR's recipes)."""
+    recipe = getattr(base, "crop_flip", None)
+    if recipe is not None:
+        return ReplayableCropFlip.of(recipe)
+    h, w = _images_nchw(base.data).shape[-2:]
+    if h != w:
+        raise ValueError(f"{type(base).__name__} has {h}x{w} images and no crop_flip recipe: "
+                         "pass augment=ReplayableCropFlip(...) (tiles=2 for two side-by-side "
+                         "images) or augment=None")
+    return ReplayableCropFlip(padding=2 if w <= 28 else 4, flip=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------
@@ -301,8 +342,7 @@ def build_cache(
         views: ``V``, number of augmented views per image (1 with ``augment=None``).
         topk: ``None`` stores full logits; ``K`` stores the top-K sparse form.
         augment: a :class:`ReplayableCropFlip`, ``None`` (no augmentation) or ``"default"``
-            (crop + horizontal flip, padding 2 for 28x28 images, 4 otherwise: topkd.data's
-            Fashion-MNIST and CIFAR recipes).
+            (:func:`default_augment`: the dataset's own crop/flip recipe).
         dtype: ``"float16"`` or ``"float32"`` for stored logits / log-probs.
         seed: seeds the augmentation parameters (the cache is reproducible).
         identity_first: make view 0 the un-augmented image.
@@ -313,9 +353,8 @@ def build_cache(
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-    if augment == "default":  # topkd.data's recipes: crop_flip(28, 2) / crop_flip(32, 4)
-        augment = ReplayableCropFlip(padding=2 if _images_nchw(
-            resolve_arrays(dataset)[0].data).shape[-1] <= 28 else 4, flip=True)
+    if augment == "default":
+        augment = default_augment(resolve_arrays(dataset)[0])
     if augment is None and views != 1:
         raise ValueError("views > 1 needs an augmentation (augment=None gives a single view)")
     if views < 1:
@@ -618,7 +657,8 @@ def transform_mismatch(cache: TeacherLogitCache, transform: Any) -> str | None:
                 and type(op).__name__ != "ToFloat"]
     aug = cache.augment
     cached = ("no augmentation" if aug is None else
-              f"RandomCrop(padding {aug.padding}){' + HFlip' if aug.flip else ''}")
+              f"RandomCrop(padding {aug.padding}){' + HFlip' if aug.flip else ''}"
+              + (f" on each of {aug.tiles} tiles" if aug.tiles != 1 else ""))
     if geometry and aug is None:
         return (f"the dataset's training augmentation ({', '.join(map(repr, geometry))}) would "
                 "not be applied: the cache was built without augmentation (one view). Set "
@@ -627,8 +667,15 @@ def transform_mismatch(cache: TeacherLogitCache, transform: Any) -> str | None:
         return (f"data.augment=false, but the cache replays augmented views ({cached}): set "
                 "data.augment=true, or build the cache without augmentation (--no-augment)")
     if aug is not None:
-        crop, flip = geometry[0], geometry[1:]
-        same = (isinstance(crop, T.RandomCrop) and crop.padding in (aug.padding, [aug.padding])
+        from topkd.data.transforms import PerTile
+
+        tiles, inner = 1, geometry
+        if len(geometry) == 1 and isinstance(geometry[0], PerTile):  # per-tile crop/flip
+            tiles, inner = geometry[0].tiles, list(getattr(geometry[0].transform, "transforms",
+                                                           [geometry[0].transform]))
+        crop, flip = inner[0], inner[1:]
+        same = (tiles == aug.tiles and isinstance(crop, T.RandomCrop)
+                and crop.padding in (aug.padding, [aug.padding])
                 and crop.fill == aug.fill and crop.padding_mode == "constant"
                 and len(flip) == int(aug.flip)
                 and all(isinstance(f, T.RandomHorizontalFlip) and f.p == 0.5 for f in flip))
@@ -731,12 +778,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = get_dataset(a.dataset, a.root, "train", augment=False)
     teacher = create_model(a.teacher, int(info.num_classes or 0))
     load_weights(teacher, a.checkpoint)
-    aug: ReplayableCropFlip | None | str = "default"
+    aug: ReplayableCropFlip | None = default_augment(ds)
     if a.no_augment:
         aug = None
     elif a.padding is not None or a.no_flip:
-        pad = a.padding if a.padding is not None else (2 if info.image_size <= 28 else 4)
-        aug = ReplayableCropFlip(padding=pad, flip=not a.no_flip)
+        pad = a.padding if a.padding is not None else aug.padding
+        aug = dataclasses.replace(aug, padding=pad, flip=not a.no_flip)
     build_cache(teacher, ds, a.out, views=1 if aug is None else a.views, topk=a.topk,
                 batch_size=a.batch_size, device=a.device, augment=aug, dtype=a.dtype,
                 seed=a.seed, teacher_name=a.teacher, checkpoint=a.checkpoint,

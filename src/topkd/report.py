@@ -378,11 +378,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(md) also print a paper-style table of METRIC: a row per method, "
                              f"a column per dataset/pair; one of {', '.join(METRICS)}")
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
-                        help="also write PNG curves (test acc@1, train loss) into DIR")
+                        help="also write PNG curves (test acc@1, train loss) into DIR; for a "
+                             "study, its sweep plots (the K ablation)")
+    parser.add_argument("--template", type=Path, default=None, metavar="FILE",
+                        help="(study) markdown whose line '{{report}}' is replaced by the "
+                             "generated report (prose around generated tables)")
+
+
+def run_study(args: argparse.Namespace) -> int:
+    """``topkd report STUDY_DIR``: the study's report (:mod:`topkd.study`) as markdown."""
+    from topkd import study
+
+    if len(args.run_dirs) != 1:
+        print("topkd report: a study directory (with study.json) is reported alone",
+              file=sys.stderr)
+        return 2
+    cmd = "topkd report " + " ".join(getattr(args, "argv", [])[1:]) \
+        if getattr(args, "argv", None) else None
+    md_dir = args.output.parent if args.output is not None else None
+    try:
+        body = study.render(args.run_dirs[0], plots=args.plots, md_dir=md_dir, command=cmd)
+        if args.template is not None:
+            template = args.template.read_text()
+            if "{{report}}" not in template:
+                raise ValueError(f"{args.template}: no '{{{{report}}}}' line to replace")
+            text = template.replace("{{report}}", body)
+        else:
+            text = f"# {study.Study(args.run_dirs[0]).manifest.get('title', 'Study')}\n\n{body}"
+    except (OSError, ValueError, KeyError) as e:
+        print(f"topkd report: {e}", file=sys.stderr)
+        return 2
+    if not text.endswith("\n"):
+        text += "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        from topkd.utils.io import atomic_write_text
+
+        atomic_write_text(args.output, text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``topkd report``; return the exit status (2 for missing/broken inputs)."""
+    from topkd import study
+
+    if any(study.is_study(d) for d in args.run_dirs):
+        return run_study(args)
+    if getattr(args, "template", None) is not None:
+        print("topkd report: --template is for study directories (with study.json)",
+              file=sys.stderr)
+        return 2
     try:
         runs = [read_run(d) for d in find_run_dirs(args.run_dirs)]
     except (FileNotFoundError, ValueError, yaml.YAMLError) as e:

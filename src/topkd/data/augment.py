@@ -303,7 +303,7 @@ def apply_policies(ds: Any, data_cfg: Any) -> Any:
             f"dataset {data_cfg.name!r} builds its own transforms, so augmentation policies "
             "(auto_augment, re_prob, views) cannot be inserted: build them with "
             "topkd.data.make_transforms (docs/data.md, 'Registering your own dataset')")
-    size = int(ds.info.image_size)
+    size = min(ds.info.hw)  # timm's create_transform: the shorter side of non-square images
 
     def build(p: ImagePolicy) -> Transform:
         return policy_transform(train_t if p.augment else eval_t, p, size)

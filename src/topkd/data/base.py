@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import Transform
+from .transforms import CropFlip, Transform
 
 
 class ImageDataset(Dataset):
@@ -24,6 +24,9 @@ class ImageDataset(Dataset):
     eval_transform: Transform | None
     targets: list[int]
     classes: list[str]
+    #: The dataset recipe's train-time crop + flip (set by the builders of ``topkd.data``, even
+    #: when ``augment=False``); the teacher-logit cache replays exactly this augmentation.
+    crop_flip: CropFlip | None = None
 
     def with_transform(self, transform: Transform | None) -> ImageDataset:
         """A shallow copy sharing all arrays/file lists, with ``transform`` replaced."""

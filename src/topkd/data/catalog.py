@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..registry import Registry
-from . import cifar, fashion_mnist, imagefolder, stl10, tiny_imagenet
+from . import cifar, fashion_mnist, fashion_mnist_pairs, imagefolder, stl10, tiny_imagenet
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -27,9 +27,9 @@ from .transforms import (
     STL10_STD,
     TINY_IMAGENET_MEAN,
     TINY_IMAGENET_STD,
+    CropFlip,
     Transform,
     build_transform,
-    crop_flip,
     imagenet_geometry,
     rotate_flip,
 )
@@ -46,10 +46,16 @@ class DatasetInfo:
     """
 
     num_classes: int | None
-    image_size: int
+    image_size: int | tuple[int, int]  # side of square images, else (height, width)
     in_channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the images."""
+        s = self.image_size
+        return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
 
 Builder = Callable[..., Dataset]
@@ -196,7 +202,10 @@ def make_transforms(
 
 def _cifar_builder(fmt: cifar.CifarFormat) -> Builder:
     def build(root: Path, split: str, **opts: Any) -> Dataset:
-        return cifar.CIFAR(root, split, fmt, *make_transforms(crop_flip(32, 4), [], **opts))
+        aug = CropFlip(padding=4)
+        ds = cifar.CIFAR(root, split, fmt, *make_transforms(aug.geometry(32, 32), [], **opts))
+        ds.crop_flip = aug
+        return ds
 
     return build
 
@@ -220,8 +229,11 @@ def _build_stl10(
 ) -> Dataset:
     size = resize or stl10.SIDE
     # size // 8 padding: 4 at 32x32 (as CIFAR), 12 at 96x96.
-    transforms = make_transforms(crop_flip(size, size // 8), [], **opts)
-    return stl10.STL10(root, split, *transforms, resize=resize, mmap=mmap)
+    aug = CropFlip(padding=size // 8)
+    transforms = make_transforms(aug.geometry(size, size), [], **opts)
+    ds = stl10.STL10(root, split, *transforms, resize=resize, mmap=mmap)
+    ds.crop_flip = aug
+    return ds
 
 
 @register_dataset("tiny_imagenet", DatasetInfo(200, 64, 3, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD))
@@ -239,7 +251,29 @@ def _build_tiny_imagenet(root: Path, split: str, *, in_memory: bool = False, **o
 )
 def _build_fashion_mnist(root: Path, split: str, **opts: Any) -> Dataset:
     # Augmentation is our choice (no single standard): pad-2 random crop + horizontal flip.
-    return fashion_mnist.FashionMNIST(root, split, *make_transforms(crop_flip(28, 2), [], **opts))
+    aug = CropFlip(padding=2)
+    ds = fashion_mnist.FashionMNIST(root, split, *make_transforms(aug.geometry(28, 28), [], **opts))
+    ds.crop_flip = aug
+    return ds
+
+
+@register_dataset(
+    "fashion_mnist_pairs",
+    DatasetInfo(100, (28, 56), 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+    default_root=fashion_mnist.DEFAULT_ROOT,
+)
+def _build_fashion_mnist_pairs(
+    root: Path, split: str, *, train_size: int | None = None, test_size: int | None = None,
+    pair_seed: int = 0, **opts: Any,
+) -> Dataset:
+    # Derived, not a benchmark (topkd.data.fashion_mnist_pairs). Each half is augmented as a
+    # Fashion-MNIST image: its own pad-2 crop and flip (a whole-image flip swaps the labels).
+    aug = CropFlip(padding=2, tiles=2)
+    size = train_size if split == "train" else test_size
+    ds = fashion_mnist_pairs.FashionMNISTPairs(
+        root, split, size, pair_seed, *make_transforms(aug.geometry(28, 56), [], **opts))
+    ds.crop_flip = aug
+    return ds
 
 
 def _folder_info(info: DatasetInfo, root: Path | None, kw: dict[str, Any]) -> DatasetInfo:

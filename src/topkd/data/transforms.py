@@ -10,6 +10,7 @@ same ``/255`` arithmetic). v1 is used rather than v2 because v2's per-call dispa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,3 +135,44 @@ def imagenet_geometry(train: bool, image_size: int = 224, resize_size: int | Non
         return [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
     resize = resize_size if resize_size is not None else round(image_size / 0.875)
     return [T.Resize(resize), T.CenterCrop(image_size)]
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """A dataset's crop + flip recipe, shared by its transform and the teacher-logit cache.
+
+    Each image is cut into ``tiles`` equal vertical strips (1: the whole image) and every strip
+    gets its own zero-padded random crop (``padding``) and, if ``flip``, its own horizontal flip.
+    ``tiles=2`` is for images made of two side-by-side images whose order carries the label
+    (``fashion_mnist_pairs``): a flip of the whole image would swap the halves. The cache's
+    replayable version is :class:`topkd.cache.ReplayableCropFlip` with the same fields.
+    """
+
+    padding: int
+    flip: bool = True
+    tiles: int = 1
+
+    def geometry(self, height: int, width: int) -> list[Transform]:
+        """torchvision geometry for ``height x width`` images (per strip when ``tiles > 1``)."""
+        if width % self.tiles:
+            raise ValueError(f"width {width} is not divisible into {self.tiles} tiles")
+        ops: list[Transform] = [T.RandomCrop((height, width // self.tiles), padding=self.padding)]
+        if self.flip:
+            ops.append(T.RandomHorizontalFlip())
+        return ops if self.tiles == 1 else [PerTile(self.tiles, T.Compose(ops))]
+
+
+class PerTile:
+    """Apply ``transform`` to each of ``tiles`` equal vertical strips of a ``(..., H, W)`` tensor,
+    left to right (each strip draws its own random parameters)."""
+
+    def __init__(self, tiles: int, transform: Transform) -> None:
+        self.tiles, self.transform = tiles, transform
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.tiles:
+            raise ValueError(f"width {x.shape[-1]} is not divisible into {self.tiles} tiles")
+        return torch.cat([self.transform(t) for t in x.chunk(self.tiles, dim=-1)], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"PerTile(tiles={self.tiles}, {self.transform})"

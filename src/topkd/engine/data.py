@@ -87,7 +87,7 @@ def build_datasets(cfg: Config) -> Datasets:
         train, val = train_val_split(train, d.val_fraction, seed=d.val_seed)
     if d.train_subset is not None and d.train_subset < len(train):  # type: ignore[arg-type]
         train = train_subset(train, d.train_subset, seed=d.val_seed)
-    size = (int(info.in_channels), int(info.image_size), int(info.image_size))
+    size = (int(info.in_channels), *info.hw)
     for split, ds in (("train", train), ("test", test)):
         check_labels(ds, int(info.num_classes), f"data {d.name!r} ({split} split)")
     return Datasets(train, val, test, int(info.num_classes), size)

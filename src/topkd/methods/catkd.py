@@ -118,6 +118,11 @@ class CATKD(Method):
         if w_s.shape[0] != w_t.shape[0]:
             raise ValueError(f"catkd: the student has {w_s.shape[0]} classes, the teacher "
                              f"{w_t.shape[0]}: CAMs are compared class by class")
+        for who, split in (("student", split_s), ("teacher", split_t)):
+            if split.pool != (1, 1):  # e.g. the fashion_mnist_pairs CNNs, one cell per half
+                raise ValueError(f"catkd: the {who} pools a {split.pool} grid before its "
+                                 "classifier, so the classifier cannot be applied at each "
+                                 "position of the map (CAMs need a global average pool)")
         self.student_taps, self.teacher_taps = split_s.taps, split_t.taps
         # The models are the engine's, not this method's modules: kept out of the module tree.
         self._splits = {"student": split_s, "teacher": split_t}

@@ -22,6 +22,7 @@ FAMILY_NUM_CLASSES = {
     "tiny_imagenet": 200,
     "imagenet": 1000,
     "fmnist": 10,
+    "fmnist_pairs": 100,
     "timm": 1000,
     "custom": 10,
 }

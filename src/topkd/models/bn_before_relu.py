@@ -15,6 +15,7 @@ VGG (with BN)          ``block{1..4}[-1]``
 ImageNet ResNet        ``layer{1..4}[-1].bn3`` / ``.bn2`` (mdistiller lists layers 2-4 only)
 MobileNetV1            ``model[{5,11,13}][4]`` (mdistiller lists ``model[3]`` too: it is
                        ``preact_feats[0]``, which OFD drops)
+fmnist CNNs (ours)     the BatchNorm of each later stage's last conv-BN-ReLU block
 =====================  =============================================================
 
 ShuffleNets and MobileNetV2 have none (mdistiller raises ``NotImplementedError`` / declares no
@@ -41,6 +42,7 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
     from topkd.models.cifar_resnet import CifarResNet
     from topkd.models.cifar_resnetv2 import CifarResNetV2
     from topkd.models.features import unwrap_model
+    from topkd.models.fmnist import SmallCNN
     from topkd.models.imagenet_resnet import _resnet_class
     from topkd.models.mobilenetv1 import MobileNetV1
     from topkd.models.vgg import VGG
@@ -57,10 +59,13 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
         bns = [getattr(m, f"block{i}")[-1] for i in (1, 2, 3, 4)]
     elif isinstance(m, MobileNetV1):
         bns = [m.model[i][4] for i in (5, 11, 13)]
+    elif isinstance(m, SmallCNN):  # conv-BN-ReLU blocks: the BN of the stage's last block
+        bns = [m.features[i][1] for i in m._stage_ends[1:]]
     else:
         raise ValueError(
             f"{type(m).__name__} has no known BatchNorm before each stage's ReLU; supported: "
-            "CIFAR ResNet/ResNetV2, WideResNet, VGG (with BN), ImageNet ResNet, MobileNetV1")
+            "CIFAR ResNet/ResNetV2, WideResNet, VGG (with BN), ImageNet ResNet, MobileNetV1, "
+            "the fmnist CNNs")
     if not all(isinstance(b, nn.BatchNorm2d) for b in bns):
         raise ValueError(f"{type(m).__name__} was built without BatchNorm before its stages' ReLU")
     return bns

@@ -1,8 +1,12 @@
-"""Compact CNNs for Fashion-MNIST (1x28x28) used by the CPU demo.
+"""Compact CNNs for Fashion-MNIST (1x28x28) and its derived 100-class pairs (1x28x56).
 
 * ``fmnist_cnn_teacher``: five conv-BN-ReLU blocks (32 | 64-64 | 128-256), 427,882 parameters.
 * ``fmnist_cnn_student``: three conv-BN-ReLU blocks (12 | 24 | 48), 13,726 parameters,
   built to train quickly on a couple of CPU cores.
+* ``fmnist_pairs_cnn_teacher`` / ``fmnist_pairs_cnn_student``: the same networks for
+  ``fashion_mnist_pairs`` (two images side by side, label ``10 * left + right``), pooling the
+  left and right halves of the final map separately (``pool=(1, 2)``). A global average pool
+  would be symmetric in the two halves and could not tell ``(a, b)`` from ``(b, a)``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class SmallCNN(ClassifierModel):
         stages: per stage, the widths of its conv blocks.
         in_channels: 1 for Fashion-MNIST.
         drop_rate: dropout before the classifier.
+        pool: ``(rows, cols)`` grid of the final average pool; ``(1, 1)`` is the global pool,
+            ``(1, 2)`` pools the left and right halves separately (``feature_dim`` is the last
+            width times ``rows * cols``, cells concatenated channel-major).
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class SmallCNN(ClassifierModel):
         num_classes: int = 10,
         in_channels: int = 1,
         drop_rate: float = 0.0,
+        pool: tuple[int, int] = (1, 1),
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -54,12 +62,15 @@ class SmallCNN(ClassifierModel):
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.drop = nn.Dropout(drop_rate)
-        self.feature_dim = cin
-        self.fc = nn.Linear(cin, num_classes)
+        self.pool = (int(pool[0]), int(pool[1]))
+        self.feature_dim = cin * self.pool[0] * self.pool[1]
+        self.fc = nn.Linear(self.feature_dim, num_classes)
         init_weights_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return global_pool(self.features(x))
+        if self.pool == (1, 1):
+            return global_pool(self.features(x))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), self.pool), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.forward_features(x)))
@@ -92,4 +103,19 @@ def fmnist_cnn_teacher(num_classes: int = 10, **kw: object) -> SmallCNN:
 @register_model("fmnist_cnn_student", family="fmnist", input_size=(1, 28, 28))
 def fmnist_cnn_student(num_classes: int = 10, **kw: object) -> SmallCNN:
     """Fashion-MNIST student CNN (12 | 24 | 48), fast on CPU."""
+    return SmallCNN(STUDENT_STAGES, num_classes=num_classes, **kw)  # type: ignore[arg-type]
+
+
+@register_model("fmnist_pairs_cnn_teacher", family="fmnist_pairs", input_size=(1, 28, 56))
+def fmnist_pairs_cnn_teacher(num_classes: int = 100, **kw: object) -> SmallCNN:
+    """fashion_mnist_pairs teacher: fmnist_cnn_teacher's layers, halves pooled separately."""
+    kw.setdefault("drop_rate", 0.2)
+    kw.setdefault("pool", (1, 2))
+    return SmallCNN(TEACHER_STAGES, num_classes=num_classes, **kw)  # type: ignore[arg-type]
+
+
+@register_model("fmnist_pairs_cnn_student", family="fmnist_pairs", input_size=(1, 28, 56))
+def fmnist_pairs_cnn_student(num_classes: int = 100, **kw: object) -> SmallCNN:
+    """fashion_mnist_pairs student: fmnist_cnn_student's layers, halves pooled separately."""
+    kw.setdefault("pool", (1, 2))
     return SmallCNN(STUDENT_STAGES, num_classes=num_classes, **kw)  # type: ignore[arg-type]

@@ -76,6 +76,8 @@ class StageSplit:
         taps: the tap kinds the boundaries read.
         after_relu: boundaries are post-ReLU (FCFD's ``stage_input == "afterrelu"``).
         classifier: the final Linear.
+        pool: the head's average-pool grid; ``(1, 1)`` (global) for every family but the
+            fashion_mnist_pairs CNNs, which pool each half of the map, ``(1, 2)``.
     """
 
     model: nn.Module
@@ -84,6 +86,7 @@ class StageSplit:
     taps: tuple[str, ...]
     after_relu: bool
     classifier: nn.Module
+    pool: tuple[int, int] = (1, 1)
 
     @property
     def num_stages(self) -> int:
@@ -106,8 +109,10 @@ class StageSplit:
         return fn(feats)
 
     def head(self, x: Tensor) -> Tensor:
-        """``classifier(global_avg_pool(relu(x)))`` (FCFD's ``forward_classifier``)."""
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1))
+        """``classifier(global_avg_pool(relu(x)))`` (FCFD's ``forward_classifier``; the pool
+        is ``pool``'s grid, cells concatenated channel-major)."""
+        size = 1 if self.pool == (1, 1) else self.pool
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(x), size), 1))
 
     def run(self, x: Tensor, start: int) -> Tensor:
         """Logits of stages ``start .. n - 1`` and the head applied to ``x`` (boundary
@@ -192,7 +197,7 @@ def stage_split(model: nn.Module) -> StageSplit:
     raise ValueError(
         f"{type(raw).__name__} has no stage split (topkd.models.stages): stage-wise methods "
         "support the CIFAR ResNets, WRNs, VGGs, ShuffleNetV1/V2, MobileNetV2 and ResNet18/34/50 "
-        "(CIFAR and ImageNet), and the ImageNet MobileNetV1")
+        "(CIFAR and ImageNet), the ImageNet MobileNetV1 and the fmnist CNNs")
 
 
 def _tap(kind: str, i: int) -> Boundary:
@@ -219,9 +224,10 @@ def _seq(*fns: Stage) -> Stage:
 
 
 def _split(model: nn.Module, stages: Sequence[Stage], boundaries: Sequence[Boundary | None],
-           taps: Sequence[str], after_relu: bool, classifier: nn.Module) -> StageSplit:
+           taps: Sequence[str], after_relu: bool, classifier: nn.Module,
+           pool: tuple[int, int] = (1, 1)) -> StageSplit:
     return StageSplit(model, tuple(stages), tuple(boundaries), tuple(taps), after_relu,
-                      classifier)
+                      classifier, pool)
 
 
 # --------------------------------------------------------------------------- CIFAR families
@@ -326,5 +332,22 @@ def _register_imagenet() -> None:
                       True, m.fc)
 
 
+def _register_fmnist() -> None:
+    from topkd.models.fmnist import SmallCNN
+
+    @register_stage_split(SmallCNN)
+    def _small_cnn(m: SmallCNN) -> StageSplit:
+        """topkd's Fashion-MNIST CNNs (no reference): a stage is (the max-pool and) its
+        conv-BN-ReLU blocks; boundaries after the stage's last ReLU (= feats). The head has no
+        dropout (the teacher's 0.2 acts in train mode only)."""
+        stages, start = [], 0
+        for end in m._stage_ends:
+            stages.append(m.features[start:end + 1])
+            start = end + 1
+        return _split(m, stages, [None, *(_tap("feats", i) for i in range(1, len(stages)))],
+                      ["feats"], True, m.fc, m.pool)
+
+
 _register_cifar()
 _register_imagenet()
+_register_fmnist()

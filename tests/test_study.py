@@ -1,0 +1,142 @@
+"""topkd.study: the report of a study (study.json + run directories) with known numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from topkd import study
+
+# method -> per-seed test top-1 at best val (seeds 0, 1, 2)
+FINAL = {
+    "ce": [80.0, 81.0, 82.0],
+    "kd": [83.0, 82.0, 84.0],       # the best baseline: mean 83
+    "dkd": [82.0, 83.0, 82.5],      # mean 82.5
+    "topkd": [84.0, 82.5, 85.0],    # ours: paired vs kd +1, +0.5, +1
+}
+
+
+def _run(root: Path, rel: str, seed: int, acc: float | None, val: float | None = None,
+         method: str = "kd") -> dict:
+    d = root / rel
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({
+        "name": rel, "seed": seed, "epochs": 8, "best_val_acc1": val if val is not None else acc,
+        "test_acc1_at_best_val": acc, "last_test_acc1": acc, "best_test_acc1": acc}))
+    (d / "metrics.csv").write_text("epoch,train_tsm_corrected,test_acc1\n1,0.1,50\n2,0.2,60\n")
+    (d / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "fmnist_cnn_student"}, "data": {"train_subset": 4000},
+        "train": {"epochs": 8}, "method": {"name": method}}))
+    return {"status": "ok", "dir": rel}
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "study"
+    ds: dict = {"label": "Toy (10 classes)", "methods": {}}
+    for m, vals in FINAL.items():
+        rec = {"role": "ours" if m == "topkd" else ("student alone" if m == "ce" else "baseline"),
+               "status": "ok",
+               "final": [_run(r, f"toy/final/{m}/seed_{s}", s, v) for s, v in enumerate(vals)]}
+        if m != "ce":  # trial 1 wins on validation for dkd only
+            vals_t = {"kd": (70.0, 69.0), "dkd": (70.0, 71.0), "topkd": (72.0, 72.0)}[m]
+            rec["trials"] = [{**_run(r, f"toy/tune/{m}/trial_{i}", 0, 60.0, v),
+                              "overrides": {} if i == 0 else {"temperature": 2.0}}
+                             for i, v in enumerate(vals_t)]
+        ds["methods"][m] = rec
+    ds["methods"]["fitnet"] = {"role": "baseline", "status": "unsupported",
+                               "reason": "needs a hint layer"}
+    ds["teacher"] = _run(r, "teachers/t", 0, 93.1)
+    ds["k_ablation"] = {"entry": "topkd", "key": "method.k", "points": [
+        {"k": 1, "runs": [_run(r, f"toy/k/1/seed_{s}", s, 83.0 + s) for s in range(3)]},
+        {"k": 5, "runs": ds["methods"]["topkd"]["final"]}]}
+    ds["controls"] = [{"key": "kd_gt", "label": "KD on the GT-corrected teacher", "of": "kd",
+                       "changes": {"tsm.gamma": 0.0},
+                       "runs": [_run(r, f"toy/ctl/kd_gt/seed_{s}", s, 83.5 + s)
+                                for s in range(3)]}]
+    (r / "study.json").write_text(json.dumps({
+        "format": study.STUDY_FORMAT, "title": "toy", "ours": ["topkd"],
+        "budget": {"epochs": 8, "train_subset": 4000, "seeds": [0, 1, 2], "trials": 2,
+                   "tune_epochs": 3, "warmup": 2.0, "views": 8},
+        "commands": ["python benchmarks/testbed.py --out X"], "datasets": {"toy": ds}}))
+    return r
+
+
+def test_paired_differences_and_cells():
+    a = study.Result({0: 84.0, 1: 82.5, 2: 85.0})
+    b = study.Result({0: 83.0, 1: 82.0, 2: 84.0, 3: 90.0})  # seed 3 has no partner
+    d, wins = study.paired(a, b)
+    assert d == [1.0, 0.5, 1.0] and wins == 3
+    sd = math.sqrt(((1 - 2.5 / 3) ** 2 * 2 + (0.5 - 2.5 / 3) ** 2) / 2)
+    assert study.paired_cell(a, b) == f"+{2.5 / 3:.2f} ± {sd:.2f} (3/3)"
+    assert study.mean_std([1.0]) == "1.00" and study.mean_std([]) == "n/a"
+    assert study.mean_std([1.0, 3.0]) == f"2.00 ± {math.sqrt(2):.2f}"
+
+
+def test_render_tables_best_baseline_sweep_and_controls(root, tmp_path):
+    text = study.render(root, plots=tmp_path / "plots", md_dir=tmp_path)
+    rows = {line.split(" | ")[1].strip("* "): line for line in text.splitlines()
+            if line.startswith("| ") and " | " in line and line.split(" | ")[0][2:].isdigit()}
+    # sorted by mean, ranks 1..4: topkd 83.83, kd 83, dkd 82.5, ce 81
+    assert [rows[m].split(" | ")[0] for m in ("topkd", "kd", "dkd", "ce")] == \
+        ["| 1", "| 2", "| 3", "| 4"]
+    assert "(best baseline)" in rows["kd"]  # the best non-ours entry, CE included
+    assert "83.83 ± 1.26" in rows["topkd"] and "+0.83 ± 0.29 (3/3)" in rows["topkd"]
+    assert "-0.50 ± 1.32 (1/3)" in rows["dkd"]
+    assert "temperature 2" in rows["dkd"] and "reference" in rows["kd"]  # chosen trials
+    assert "`fitnet` cannot run this pair: needs a hint layer" in text
+    assert "| 93.10 |" in text  # the teacher's number, from its run directory
+    # K ablation: k=1 (83, 84, 85) beats k=5 (the final topkd runs, 83.83)
+    assert "best k = 1 (84.00 ± 1.00)" in text
+    assert "![K ablation](plots/k_ablation_toy.png)" in text
+    assert (tmp_path / "plots" / "k_ablation_toy.png").read_bytes()[:4] == b"\x89PNG"
+    # control vs the tuned original, paired: +0.5, +2.5, +1.5
+    assert "KD on the GT-corrected teacher: +1.50 ± 1.00 (3/3) vs `kd` as tuned" in text
+    assert "`topkd` is #1 of 4, +0.83 ± 0.29 (3/3) vs kd" in text
+    assert "top-1 is wrong on 15.0% of the training views" in text  # mean of 0.1 and 0.2
+
+
+def test_report_cli_renders_a_study(root, tmp_path, capsys):
+    from topkd.cli import main
+
+    template = tmp_path / "t.md"
+    template.write_text("# R\n\n{{report}}\n\nEnd.\n")
+    out = tmp_path / "r.md"
+    assert main(["report", str(root), "--template", str(template), "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# R\n\n## Findings") and text.rstrip().endswith("End.")
+    assert f"topkd report {root} --template {template} --output {out}" in text
+    template.write_text("no placeholder\n")
+    assert main(["report", str(root), "--template", str(template)]) == 2
+    assert "no '{{report}}' line" in capsys.readouterr().err
+    assert main(["report", str(root), str(tmp_path)]) == 2  # a study is reported alone
+
+
+def test_setup_says_untuned_when_one_trial(root, tmp_path):
+    m = json.loads((root / "study.json").read_text())
+    assert "2 trials per method" in study.render(root, md_dir=tmp_path, plots=tmp_path)
+    m["budget"]["trials"] = 1
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "Tuning: none: every method runs its reference configuration" in text
+    assert "trials per method" not in text
+
+
+def test_each_dataset_reports_its_own_budget(root, tmp_path):
+    m = json.loads((root / "study.json").read_text())
+    toy = m["datasets"]["toy"]
+    toy["budget"] = {**m["budget"], "epochs": 5}
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "5 epochs on a fixed subset" in text and "8 epochs on a fixed subset" not in text
+    m["datasets"]["toy2"] = {**json.loads(json.dumps(toy)), "label": "Toy two",
+                             "budget": {**m["budget"], "epochs": 7}}
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "Toy two: Every student run: the dataset recipe (SGD, cosine, batch 128), 7 epochs" \
+        in text
+    assert ": Every student run: the dataset recipe (SGD, cosine, batch 128), 5 epochs" in text

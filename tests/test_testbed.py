@@ -1,0 +1,310 @@
+"""benchmarks/testbed.py: the GT-correction control, the tuning draws, and a --quick smoke run
+through the engine (every phase, resume, unsupported methods, ``topkd report`` of the study)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_demo import _write_idx
+from topkd.losses import functional as F
+from topkd.methods import (
+    Method,
+    MethodParams,
+    create_method,
+    params_from_dict,
+    params_to_dict,
+    registry,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tb():
+    spec = importlib.util.spec_from_file_location("testbed", ROOT / "benchmarks" / "testbed.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["testbed"] = mod  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop("testbed", None)
+
+
+# --------------------------------------------------------------------------------------------
+# The control: tsm {gamma 0, lam 0, correct_gt true} is the teacher with only the GT correction
+# --------------------------------------------------------------------------------------------
+def _gt_corrected(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The teacher with its ground-truth logit raised just above its maximum where it is wrong
+    (TSM's correction, margin 1e-3), and nothing else."""
+    out = t.clone()
+    wrong = t.argmax(-1) != y
+    top = t.max(-1).values
+    out[wrong, y[wrong]] = top[wrong] + 1e-3
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_gt_only_tsm_is_the_teacher_with_only_the_gt_correction(k):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (64,), generator=g)
+    assert (t.argmax(-1) != y).sum() > 20  # many rows get corrected
+    b = F.tsm(t, y, k, gamma=0.0, lam=0.0, correct_gt=True)
+    ref = _gt_corrected(t, y)
+    # up to the per-row shift of TSM (it centres the teacher's logits), which softmaxes ignore
+    torch.testing.assert_close(b, ref - t.mean(-1, keepdim=True), rtol=0, atol=1e-6)
+    s = torch.randn(64, 10, generator=g, dtype=torch.float64)
+    gt = {"gamma": 0.0, "lam": 0.0, "correct_gt": True}
+    kd = create_method({"name": "kd", "tsm": gt, "k": k})
+    kd_ref = F.kd_loss(s, ref, temperature=4.0)
+    torch.testing.assert_close(kd(s, t, y).terms["kd"], kd_ref, rtol=1e-5, atol=1e-6)
+    dkd = create_method({"name": "dkd", "tsm": gt, "k": k, "warmup": 0})
+    dkd_ref = F.dkd_loss(s, ref, y, alpha=1.0, beta=8.0, temperature=4.0)
+    torch.testing.assert_close(dkd(s, t, y, epoch=1).terms["dkd"], dkd_ref, rtol=1e-5,
+                               atol=1e-6)
+    # and where the teacher is right, the target is the teacher itself
+    right = t.argmax(-1) == y
+    torch.testing.assert_close(b[right] - b[right].mean(-1, keepdim=True),
+                               t[right] - t[right].mean(-1, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_topkd_without_correction_keeps_the_wrong_teacher_top1():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(32, 10, generator=g) * 3
+    y = torch.randint(0, 10, (32,), generator=g)
+    b = F.tsm(t, y, 2, gamma=1.0, lam=0.5, correct_gt=False)
+    assert torch.equal(b.argmax(-1), t.argmax(-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning draws
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["kd", "dkd", "topkd", "kd_tsm_tdl", "ttm"])
+def test_trials_equal_budget_valid_and_deterministic(tb, entry):
+    e = next(x for x in tb.method_entries() if x.key == entry)
+    default = tb.canonical_method(tb.method_raw(e)["method"], 2.0)
+    trials = tb.draw_trials(default, 4, f"fashion_mnist-{entry}")
+    assert len(trials) == 4 and trials[0] == default
+    assert len({json.dumps(t, sort_keys=True) for t in trials}) == 4
+    assert trials == tb.draw_trials(default, 4, f"fashion_mnist-{entry}")
+    knobs = dict(tb.knobs(default))
+    for t in trials[1:]:
+        params_from_dict(t)  # valid
+        changes = tb.diff(default, t)
+        assert 1 <= len(changes) <= 2
+        for key, v in changes.items():
+            old = knobs[tuple(key.split("."))]
+            assert v in (old * 2, old * 0.5, old // 2), (key, old, v)
+    # reference warm-ups (DKD, TopKD: 20 of 240 epochs) become the testbed's, never tuned
+    assert default["warmup"] == (2.0 if entry in ("dkd", "topkd") else 0.0)
+    assert "warmup" not in {k for t in trials for k in tb.diff(default, t)}
+
+
+def test_knobs_are_weights_temperatures_and_k(tb):
+    e = next(x for x in tb.method_entries() if x.key == "topkd")
+    names = {".".join(p) for p, _ in tb.knobs(tb.canonical_method(tb.method_raw(e)["method"],
+                                                                  2.0))}
+    assert {"k", "tau", "w_con", "w_tdl", "ce", "tsm.gamma", "tsm.lam"} <= names
+    assert not names & {"warmup", "tsm.correct_gt", "tsm.schedule", "ignore_index"}
+
+
+def test_finished_runs_ignore_keys_added_to_the_schema(tb):
+    saved = {"a": 1, "b": {"c": [1, 2]}, "gone": 3}
+    assert tb._same(saved, {"a": 1, "b": {"c": [1, 2], "new": 0}})
+    assert not tb._same(saved, {"a": 2, "b": {"c": [1, 2]}})
+    assert not tb._same(saved, {"a": 1, "b": {"c": [1]}})
+
+
+def test_entries_come_from_the_registry(tb):
+    keys = [e.key for e in tb.method_entries()]
+    assert keys[0] == "ce" and set(registry.METHODS.names()) <= set(keys)
+    assert {"kd_ls", "kd_tsm_tdl", "dot"} <= set(keys) and "tsm_tdl" not in keys  # no fragments
+    roles = {e.key: e.role for e in tb.method_entries()}
+    assert roles["topkd"] == "ours" and roles["kd"] == "baseline"
+
+
+# --------------------------------------------------------------------------------------------
+# --quick through the engine
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fake_fmnist(tmp_path_factory) -> Path:
+    """Class-dependent blobs: 40 / 20 images per class (200 / 100 disjoint composites)."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 400), ("t10k", 200)):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 40, size=(n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, 2 * c:2 * c + 8, 4:24] += 200
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.clip(x, 0, 255), 2051)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y, 2049)
+    return root
+
+
+@dataclass(frozen=True)
+class _RefusesParams(MethodParams):
+    pass
+
+
+class _Refuses(Method):
+    """A method that cannot run any pair (as a feature method refuses mismatched models)."""
+
+    Params = _RefusesParams
+
+    def __init__(self, params=None, ctx=None):
+        super().__init__(params, ctx)
+        raise ValueError("needs a student with a 'widget' stage (this pair has none)")
+
+
+def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(registry.METHODS._items, "test_refuses", _Refuses)
+    monkeypatch.setitem(registry._BY_PARAMS, _RefusesParams, "test_refuses")
+    monkeypatch.setattr(_Refuses, "name", "test_refuses", raising=False)
+    threads = torch.get_num_threads()
+    out = tmp_path / "quick"
+    argv = ["--quick", "--out", str(out), "--data-root", str(fake_fmnist), "--threads", "1",
+            "--datasets", "fashion_mnist_pairs", "--methods", "ce,kd,topkd,test_refuses"]
+    try:
+        assert tb.main(argv) == 0
+        first = capsys.readouterr().out
+        assert tb.main(argv) == 0  # resumable: everything is finished, nothing runs again
+        again = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    assert "0 runs trained" in again and "0 runs trained" not in first
+    study = json.loads((out / "study.json").read_text())
+    ds = study["datasets"]["fashion_mnist_pairs"]
+    assert ds["methods"]["test_refuses"]["status"] == "unsupported"
+    assert "widget" in ds["methods"]["test_refuses"]["reason"]
+    for key in ("ce", "kd", "topkd"):
+        rec = ds["methods"][key]
+        assert rec["status"] == "ok" and len(rec["final"]) == 2
+        for r in rec["final"]:
+            run = out / r["dir"]
+            assert (run / "summary.json").is_file() and (run / "metrics.csv").is_file()
+        assert len(rec["trials"]) == (0 if key == "ce" else 2)
+    kd_final = tb.read_summary(out, ds["methods"]["kd"]["final"][0])
+    assert kd_final["seed"] == 0 and kd_final["epochs"] == 1
+    # teacher logits from the cache for KD; the chosen trial's method section is what ran
+    from topkd.config import load_config
+
+    cfg = load_config(out / ds["methods"]["kd"]["final"][1]["dir"] / "config.yaml")
+    assert cfg.train.teacher_cache == str(out / "cache" / "fashion_mnist_pairs")
+    assert cfg.seed == 1 and cfg.data.train_subset == 48 and cfg.data.val_fraction == 0.1
+    # the study pins the eager fp32 NCHW DataLoader path, whatever the engine's defaults
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.compile, cfg.data.loader) == \
+        ("none", False, False, "dataloader")
+    teacher_dir = study["datasets"]["fashion_mnist_pairs"]["teacher"]["dir"]
+    tcfg = load_config(out / teacher_dir / "config.yaml")
+    assert (tcfg.train.compile, tcfg.data.loader) == (False, "dataloader")
+    assert params_to_dict(cfg.method) == ds["methods"]["kd"]["chosen"]
+    assert [p["k"] for p in ds["k_ablation"]["points"]] == [1, 5]
+    ctl = {c["key"]: c for c in ds["controls"]}
+    assert set(ctl) == {"kd_gt", "topkd_no_gt"}  # dkd is not among --methods
+    assert ctl["kd_gt"]["changes"] == {"tsm.gamma": 0.0, "tsm.lam": 0.0, "tsm.correct_gt": True}
+    assert ctl["topkd_no_gt"]["changes"] == {"tsm.correct_gt": False}
+    leg = study["legacy"]["methods"]
+    assert set(leg) == {"ce", "topkd"} and leg["topkd"]["recorded"] == "86.32 ± 0.06"
+
+    from topkd.cli import main as cli
+
+    md = tmp_path / "docs" / "results.md"
+    template = tmp_path / "results.template.md"
+    template.write_text("# Results\n\nProse.\n\n{{report}}\n")
+    assert cli(["report", str(out), "--output", str(md), "--template", str(template),
+                "--plots", str(tmp_path / "docs" / "results")]) == 0
+    text = md.read_text()
+    assert text.startswith("# Results\n\nProse.")
+    for needle in ("## fashion_mnist_pairs", "## K ablation", "Ground-truth correction controls",
+                   "`test_refuses` cannot run this pair", "Tuning record", "--quick",
+                   "The engine on the removed loop's protocol", "(best baseline)"):
+        assert needle in text, needle
+    assert "![K ablation](results/k_ablation_fashion_mnist_pairs.png)" in text
+    png = tmp_path / "docs" / "results" / "k_ablation_fashion_mnist_pairs.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_flags_override_the_sizes_and_are_recorded(tb, tmp_path):
+    out = tmp_path / "b"
+    threads = torch.get_num_threads()
+    try:
+        assert tb.main(["--out", str(out), "--phases", "tune", "--epochs", "5", "--trials", "1",
+                        "--datasets", "fashion_mnist", "--methods", "ce,kd,topkd",
+                        "--tune-epochs", "2", "--train-subset", "300", "--views", "3",
+                        "--seeds", "4,5", "--warmup", "0.5", "--k-values", "1,7"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    b = json.loads((out / "study.json").read_text())["budget"]
+    assert (b["epochs"], b["trials"], b["tune_epochs"], b["train_subset"], b["views"],
+            b["seeds"]) == (5, 1, 2, 300, 3, [4, 5])
+    assert b["warmup"] == 0.5 and b["k_values"] == [1, 7]
+    assert b["max_steps"] is None  # what was not given keeps its default
+    # one trial: nothing to choose, no tuning run; the final phase uses the reference config
+    methods = json.loads((out / "study.json").read_text())["datasets"]["fashion_mnist"]["methods"]
+    assert {k: m["trials"] for k, m in methods.items()} == {"ce": [], "kd": [], "topkd": []}
+    ds_budget = json.loads((out / "study.json").read_text())["datasets"]["fashion_mnist"]["budget"]
+    assert ds_budget == b  # the dataset keeps the sizes its runs were made with
+    assert not (out / "fashion_mnist").exists()
+    with pytest.raises(SystemExit, match="--trials must be >= 1"):
+        tb.main(["--out", str(out), "--phases", "", "--trials", "0"])
+
+
+def test_parallel_invocations_keep_each_others_datasets(tb, tmp_path):
+    """Two invocations with different --datasets share one study.json (run in parallel)."""
+    out = tmp_path / "p"
+    threads = torch.get_num_threads()
+    try:
+        a = tb.Testbench(_args(tb, out, "fashion_mnist"))
+        b = tb.Testbench(_args(tb, out, "fashion_mnist_pairs"))
+        a.ds(tb.TESTBEDS["fashion_mnist"])["methods"]["kd"] = {"status": "ok"}
+        a.save()
+        b.ds(tb.TESTBEDS["fashion_mnist_pairs"])["methods"]["dkd"] = {"status": "ok"}
+        b.save()  # b was loaded before a saved: a's dataset must survive
+    finally:
+        torch.set_num_threads(threads)
+    study = json.loads((out / "study.json").read_text())
+    assert study["datasets"]["fashion_mnist"]["methods"] == {"kd": {"status": "ok"}}
+    assert study["datasets"]["fashion_mnist_pairs"]["methods"] == {"dkd": {"status": "ok"}}
+    assert len(study["commands"]) == 2
+
+
+def _args(tb, out, datasets):
+    import argparse
+
+    argv = ["--out", str(out), "--datasets", datasets]
+    ns = argparse.Namespace(out=str(out), quick=False, seeds=None, methods="kd,dkd",
+                            datasets=datasets, data_root=None, argv=argv)
+    return ns
+
+
+def test_a_changed_config_moves_the_old_run_aside_never_deletes_it(tb, tmp_path):
+    """A run directory of another config (a changed default) is renamed, not removed: it may
+    be a teacher that took an hour."""
+    from topkd.config import Config
+
+    run_dir = tmp_path / "teachers" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("train: {epochs: 99}\n")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights")
+    cfg = Config.from_dict({"method": {"name": "ce"}, "data": {"name": "fashion_mnist"}})
+    logs: list[str] = []
+    rec = tb.Runner(tmp_path, log=logs.append).run(cfg, "distill", run_dir)
+    assert rec["status"] == "unsupported"  # distill without a teacher term: refused
+    assert (tmp_path / "teachers" / "t.stale-1" / "checkpoints" / "best.pt").read_bytes() == \
+        b"weights"
+    assert any("moved to t.stale-1" in m for m in logs)
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "config.yaml").write_text("train: {epochs: 98}\n")
+    tb.Runner(tmp_path, log=logs.append).run(cfg, "distill", run_dir)
+    assert (tmp_path / "teachers" / "t.stale-2" / "config.yaml").is_file()
