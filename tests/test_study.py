@@ -95,7 +95,7 @@ def test_render_tables_best_baseline_sweep_and_controls(root, tmp_path):
     assert "![K ablation](plots/k_ablation_toy.png)" in text
     assert (tmp_path / "plots" / "k_ablation_toy.png").read_bytes()[:4] == b"\x89PNG"
     # control vs the tuned original, paired: +0.5, +2.5, +1.5
-    assert "KD on the GT-corrected teacher: +1.50 ± 1.00 (3/3) vs `kd` as tuned" in text
+    assert "KD on the GT-corrected teacher: +1.50 ± 1.00 (3/3) vs `kd` as in its table row" in text
     assert "`topkd` is #1 of 4, +0.83 ± 0.29 (3/3) vs kd" in text
     assert "top-1 is wrong on 15.0% of the training views" in text  # mean of 0.1 and 0.2
 

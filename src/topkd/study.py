@@ -327,7 +327,7 @@ def _controls_section(study: Study, key: str, ds: dict[str, Any], ours: Sequence
                      paired_cell(r, results[base]) if base else "n/a"])
         if orig and orig.mean is not None:
             findings.append(f"{ds.get('label', key)}: {c['label']}: "
-                            f"{paired_cell(r, orig)} vs `{c['of']}` as tuned.")
+                            f"{paired_cell(r, orig)} vs `{c['of']}` as in its table row.")
     if not rows:
         return [], []
     wrong = _corrected_share(study, ds.get("methods", {}).get("topkd", {}).get("final") or [])
