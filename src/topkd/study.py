@@ -207,7 +207,8 @@ def _budget_line(b: dict[str, Any]) -> str:
         f"{b.get('epochs')} epochs on a fixed subset of {b.get('train_subset')} training "
         f"images, seeds {', '.join(str(s) for s in b.get('seeds', []))}; the number is test "
         f"top-1 at the epoch of best validation top-1. Tuning: {tuning}. "
-        f"Distillation warm-ups: {b.get('warmup'):g} epochs. Teacher logits: a "
+        f"Distillation warm-ups: {b.get('warmup'):g} epoch{'' if b.get('warmup') == 1 else 's'}. "
+        "Teacher logits: a "
         f"teacher-logit cache of {b.get('views')} crop/flip views per image for the methods "
         "that need only logits; the teacher runs online for the others.")
 
