@@ -472,6 +472,7 @@ class Testbench:
         if cmd not in cmds:
             cmds.append(cmd)
         self.study.setdefault("datasets", {})
+        self._ran_legacy = False
 
     # ---------------------------------------------------------------- helpers
     def save(self) -> None:
@@ -490,6 +491,9 @@ class Testbench:
                 for key, d in (disk.get("datasets") or {}).items():
                     if key not in mine:
                         self.study["datasets"][key] = d
+                # the legacy phase's record belongs to the invocation that ran it
+                if "legacy" in disk and not self._ran_legacy:
+                    self.study["legacy"] = disk["legacy"]
                 cmds = self.study.setdefault("commands", [])
                 for c in disk.get("commands") or []:
                     if c not in cmds:
@@ -765,6 +769,7 @@ class Testbench:
                                      train_subset=sz["subset"], teacher=ckpt, cache=cache)
                     for s in sz["seeds"]]
             runs[key] = {"runs": recs, "recorded": recorded, "method": spec}
+        self._ran_legacy = True
         self.study["legacy"] = {"teacher": teacher, "recorded_teacher": LEGACY_TEACHER,
                                 "source": LEGACY_SOURCE, "sizes": sz, "methods": runs}
         self.save()

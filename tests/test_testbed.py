@@ -278,6 +278,27 @@ def test_parallel_invocations_keep_each_others_datasets(tb, tmp_path):
     assert len(study["commands"]) == 2
 
 
+def test_an_invocation_without_the_legacy_phase_keeps_its_record(tb, tmp_path):
+    """The legacy phase ran in its own invocation next to a long one: the long one's later
+    saves must not drop the legacy record it never saw (nor may a re-run of legacy lose it)."""
+    out = tmp_path / "p"
+    threads = torch.get_num_threads()
+    try:
+        long = tb.Testbench(_args(tb, out, "fashion_mnist_pairs"))
+        long.save()
+        leg = tb.Testbench(_args(tb, out, "fashion_mnist"))
+        leg._ran_legacy = True
+        leg.study["legacy"] = {"methods": {"ce": {"runs": []}}}
+        leg.save()
+        long.ds(tb.TESTBEDS["fashion_mnist_pairs"])["methods"]["dkd"] = {"status": "ok"}
+        long.save()
+    finally:
+        torch.set_num_threads(threads)
+    study = json.loads((out / "study.json").read_text())
+    assert study["legacy"] == {"methods": {"ce": {"runs": []}}}
+    assert study["datasets"]["fashion_mnist_pairs"]["methods"] == {"dkd": {"status": "ok"}}
+
+
 def _args(tb, out, datasets):
     import argparse
 
