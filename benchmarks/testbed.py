@@ -133,10 +133,10 @@ QUICK = Budget(
 )
 QUICK_METHODS = ("ce", "kd", "topkd")
 
-# The protocol and numbers of the removed in-memory loop (benchmarks/_fmnist_loop.py), as recorded
+# The protocol and numbers of the removed in-memory loop (git history: _fmnist_loop.py), as recorded
 # in docs/results.md: mean ± std over seeds 0-2 of test top-1 at the best-validation epoch.
-LEGACY_SOURCE = ("docs/results.md at commit 4259e1e (benchmarks/fmnist.py on "
-                 "benchmarks/_fmnist_loop.py, 20 epochs, 3 seeds)")
+LEGACY_SOURCE = ("the in-memory loop removed after this re-run (its numbers as recorded in "
+                 "docs/results.md at commit 4259e1e: 20 epochs, 3 seeds)")
 LEGACY_TEACHER = 87.57
 _TSM_REC = {"gamma": 1.0, "lam": 0.5, "correct_gt": True, "schedule": "linear"}
 LEGACY: dict[str, tuple[dict[str, Any], str]] = {
@@ -279,8 +279,8 @@ def _aside(run_dir: Path) -> Path:
 class Runner:
     """Runs (or skips) engine runs, one after another, and records what happened."""
 
-    def __init__(self, out: Path, log: Any = print) -> None:
-        self.out, self.log = out, log
+    def __init__(self, out: Path, log: Any = print, record: bool = False) -> None:
+        self.out, self.log, self.record = out, log, record
         self.n_run = self.n_skipped = 0
 
     def run(self, cfg: Any, mode: str, run_dir: Path, quiet: bool = True) -> dict[str, Any]:
@@ -292,6 +292,10 @@ class Runner:
         if finished(run_dir, cfg):
             self.n_skipped += 1
             return {"status": "ok", "dir": rel}
+        if self.record:  # --record: read what is there, train nothing
+            return {"status": "pending", "dir": rel,
+                    "reason": "not finished (the same command without --record trains or "
+                              "resumes it)"}
         resume = "auto" if (run_dir / "checkpoints" / "last.pt").is_file() and \
             _matches(run_dir, cfg) else None
         if resume is None and run_dir.exists():
@@ -454,7 +458,7 @@ class Testbench:
             list(QUICK_METHODS) if args.quick else None)
         self.entries = method_entries(sel)
         self.testbeds = [TESTBEDS[k] for k in args.datasets.split(",")]
-        self.runner = Runner(self.out)
+        self.runner = Runner(self.out, record=bool(getattr(args, "record", False)))
         self.path = self.out / "study.json"
         self.study: dict[str, Any] = json.loads(self.path.read_text()) \
             if self.path.is_file() else {}
@@ -473,6 +477,9 @@ class Testbench:
             cmds.append(cmd)
         self.study.setdefault("datasets", {})
         self._ran_legacy = False
+        # (dataset, part) this invocation wrote: a method entry ("methods", key), "k_ablation",
+        # "controls", "teacher". The rest of a dataset is another invocation's (save()).
+        self._touched: set[tuple[str, ...]] = set()
 
     # ---------------------------------------------------------------- helpers
     def save(self) -> None:
@@ -491,6 +498,15 @@ class Testbench:
                 for key, d in (disk.get("datasets") or {}).items():
                     if key not in mine:
                         self.study["datasets"][key] = d
+                        continue
+                    # the same dataset, other entries (--methods split over invocations)
+                    own = self.study["datasets"].setdefault(key, {})
+                    for m, rec in (d.get("methods") or {}).items():
+                        if (key, "methods", m) not in self._touched:
+                            own.setdefault("methods", {})[m] = rec
+                    for part in ("k_ablation", "controls", "teacher"):
+                        if part in d and (key, part) not in self._touched:
+                            own[part] = d[part]
                 # the legacy phase's record belongs to the invocation that ran it
                 if "legacy" in disk and not self._ran_legacy:
                     self.study["legacy"] = disk["legacy"]
@@ -588,6 +604,7 @@ class Testbench:
             cfg = self.teacher_cfg(tb)
             run_dir = Path(cfg.output_dir) / cfg.name
             rec = self.runner.run(cfg, "train", run_dir, quiet=False)  # long: log epochs
+            self._touched.add((tb.key, "teacher"))
             self.ds(tb)["teacher"] = {**rec, "config": tb.teacher,
                                       "model": cfg.model.name}
             self.save()
@@ -612,6 +629,9 @@ class Testbench:
                 return
         except (FileNotFoundError, CacheMismatchError):
             pass
+        if self.runner.record:
+            print(f"[testbed] cache {path}: not there (--record builds nothing)", flush=True)
+            return
         t0 = time.perf_counter()
         nc = dataset_info(probe.data.name, probe.data.root, **probe.data.kwargs).num_classes
         teacher = load_teacher(tcfg.model.name, int(nc or 0), ckpt, verbose=False)
@@ -632,6 +652,7 @@ class Testbench:
     def phase_tune(self) -> None:
         for tb in self.testbeds:
             for entry in self.entries:
+                self._touched.add((tb.key, "methods", entry.key))
                 rec = self.ds_runs(tb)["methods"].setdefault(entry.key, {})
                 rec.update(role=entry.role, method=entry.method,
                            config=None if entry.file is None else
@@ -656,6 +677,7 @@ class Testbench:
     def phase_final(self) -> None:
         for tb in self.testbeds:
             for entry in self.entries:
+                self._touched.add((tb.key, "methods", entry.key))
                 rec = self.ds_runs(tb)["methods"].setdefault(entry.key, {
                     "role": entry.role, "method": entry.method})
                 if rec.get("status") == "unsupported":
@@ -679,11 +701,14 @@ class Testbench:
 
     @staticmethod
     def _status(rec: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-        """An entry is unsupported if its first run could not start, failed if no run
-        finished (the reason of the first failure), ok otherwise."""
+        """An entry is unsupported if its first run could not start, pending if none of its
+        runs has finished yet (``--record``), failed if no run finished (the reason of the first
+        failure), ok otherwise."""
         rec.pop("reason", None)
         if runs and runs[0]["status"] == "unsupported":
             rec.update(status="unsupported", reason=runs[0]["reason"])
+        elif runs and all(r["status"] == "pending" for r in runs):
+            rec.update(status="pending", reason=runs[0]["reason"])
         elif runs and not any(r["status"] == "ok" for r in runs):
             rec.update(status="failed", reason=runs[0].get("reason"))
         else:
@@ -711,6 +736,7 @@ class Testbench:
                     run_dir = self.out / tb.key / "kablation" / f"k_{k}" / f"seed_{s}"
                     runs.append(self.student_run(tb, entry, m, run_dir, self.budget.epochs, s))
                 sweep.append({"k": k, "runs": runs, "method": m})
+                self._touched.add((tb.key, "k_ablation"))
                 self.ds_runs(tb)["k_ablation"] = {"entry": "topkd", "key": "method.k",
                                              "points": sweep}
                 self.save()
@@ -737,6 +763,7 @@ class Testbench:
                         for s in self.budget.seeds]
                 controls.append({"key": key, "label": label, "of": of, "method": m,
                                  "changes": diff(base, m), "runs": runs})
+                self._touched.add((tb.key, "controls"))
                 self.ds_runs(tb)["controls"] = controls
                 self.save()
 
@@ -744,11 +771,13 @@ class Testbench:
         """The recorded Fashion-MNIST protocol of the removed in-memory loop, through the
         engine (docs/results.md compares the two): teacher 3 epochs on 30,000 images,
         students 20 epochs on 12,000, 4 cached views, the recorded settings of CE, KD, DKD and
-        TopKD, seeds 0 and 1."""
+        TopKD, seeds 0 and 1 (``--seeds`` overrides)."""
         from topkd.config import load_config
 
         tb = TESTBEDS["fashion_mnist"]
-        sz = LEGACY_QUICK if self.args.quick else LEGACY_SIZES
+        sz = dict(LEGACY_QUICK if self.args.quick else LEGACY_SIZES)
+        if self.args.seeds:  # e.g. one seed now, the next in a later invocation
+            sz["seeds"] = self.budget.seeds
         root = self.out / "legacy"
         ov = [f"train.epochs={sz['teacher_epochs']}", f"data.train_subset={sz['teacher_subset']}",
               "data.num_workers=0", f"output_dir={root}", "name=legacy-teacher", *PINNED]
@@ -863,6 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads (default 1: on a shared, oversubscribed box two "
                         "threads spent 3x the CPU time per image, waiting for each other)")
     p.add_argument("--list", action="store_true", help="print the method entries and exit")
+    p.add_argument("--record", action="store_true",
+                   help="train nothing: write what the run directories hold into study.json "
+                        "(finished runs; the others as pending), e.g. after invocations split "
+                        "by --methods or stopped early")
     p.add_argument("--write-configs", action="store_true",
                    help="write configs/pair_overrides/<dataset>/<entry>.yaml from the tuning of "
                         "OUT (then run configs/generate.py) and exit")

@@ -140,3 +140,29 @@ def test_each_dataset_reports_its_own_budget(root, tmp_path):
     assert "Toy two: Every student run: the dataset recipe (SGD, cosine, batch 128), 7 epochs" \
         in text
     assert ": Every student run: the dataset recipe (SGD, cosine, batch 128), 5 epochs" in text
+
+
+def test_an_entry_with_unfinished_seeds_says_so(root, tmp_path):
+    """A run still training (no summary.json yet) leaves a mean of fewer seeds: the cell says
+    how many of the planned seeds it holds."""
+    (root / "toy/final/dkd/seed_2/summary.json").unlink()
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| ") and " dkd " in ln)
+    assert "82.50 ± 0.71 (2 of 3 seeds)" in row
+    assert "(2 of 3 seeds)" not in next(ln for ln in text.splitlines()
+                                        if ln.startswith("| ") and " kd " in ln)
+
+
+def test_entries_without_a_finished_run_are_listed_as_not_run(root, tmp_path):
+    m = json.loads((root / "study.json").read_text())
+    methods = m["datasets"]["toy"]["methods"]
+    methods["vid"] = {"role": "baseline", "trials": []}  # listed, never run
+    methods["sp"] = {"role": "baseline", "status": "pending", "reason": "not finished (...)",
+                     "final": [{"status": "pending", "dir": "toy/final/sp/seed_0"}]}
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "* `vid` not run yet: no finished run in this study" in text
+    assert "* `sp` not run yet: not finished (...)" in text
+    assert "`fitnet` cannot run this pair: needs a hint layer" in text
+    assert not any(ln.startswith("| ") and (" vid " in ln or " sp " in ln)
+                   for ln in text.splitlines())

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from test_demo import _write_idx
 from topkd.losses import functional as F
@@ -297,6 +298,53 @@ def test_an_invocation_without_the_legacy_phase_keeps_its_record(tb, tmp_path):
     study = json.loads((out / "study.json").read_text())
     assert study["legacy"] == {"methods": {"ce": {"runs": []}}}
     assert study["datasets"]["fashion_mnist_pairs"]["methods"] == {"dkd": {"status": "ok"}}
+
+
+def test_invocations_split_by_methods_keep_each_others_entries(tb, tmp_path):
+    """The same dataset run by two invocations with different --methods (in parallel): each
+    save keeps the other's entries, and the K ablation / controls it did not write."""
+    out = tmp_path / "p"
+    threads = torch.get_num_threads()
+    try:
+        a = tb.Testbench(_args(tb, out, "fashion_mnist_pairs"))
+        b = tb.Testbench(_args(tb, out, "fashion_mnist_pairs"))
+        key = "fashion_mnist_pairs"
+        a._touched.add((key, "methods", "kd"))
+        a.ds(tb.TESTBEDS[key])["methods"]["kd"] = {"status": "ok", "final": ["a"]}
+        a._touched.add((key, "k_ablation"))
+        a.ds(tb.TESTBEDS[key])["k_ablation"] = {"points": [1]}
+        a.save()
+        b._touched.add((key, "methods", "dkd"))
+        b.ds(tb.TESTBEDS[key])["methods"]["dkd"] = {"status": "ok", "final": ["b"]}
+        b.save()  # b never saw a's kd entry nor its ablation
+        a.ds(tb.TESTBEDS[key])["methods"]["kd"]["final"].append("a2")
+        a.save()  # and a keeps b's dkd
+    finally:
+        torch.set_num_threads(threads)
+    ds = json.loads((out / "study.json").read_text())["datasets"]["fashion_mnist_pairs"]
+    assert ds["methods"] == {"kd": {"status": "ok", "final": ["a", "a2"]},
+                             "dkd": {"status": "ok", "final": ["b"]}}
+    assert ds["k_ablation"] == {"points": [1]}
+
+
+def test_record_mode_trains_nothing_and_marks_unfinished_runs_pending(tb, tmp_path):
+    from topkd.config import Config
+
+    cfg = Config.from_dict({"method": {"name": "kd"}, "data": {"name": "fashion_mnist"},
+                            "teacher": {"name": "fmnist_cnn_teacher"}})
+    run_dir = tmp_path / "final" / "kd" / "seed_0"
+    rec = tb.Runner(tmp_path, record=True).run(cfg, "distill", run_dir)
+    assert rec["status"] == "pending" and "without --record" in rec["reason"]
+    assert not run_dir.exists()  # nothing created, nothing moved aside
+    run_dir.mkdir(parents=True)  # a finished run of this config is recorded as ok
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (run_dir / "summary.json").write_text("{}")
+    assert tb.Runner(tmp_path, record=True).run(cfg, "distill", run_dir)["status"] == "ok"
+    entry: dict = {}
+    tb.Testbench._status(entry, [{"status": "pending", "reason": "r"}] * 2)
+    assert entry == {"status": "pending", "reason": "r"}
+    tb.Testbench._status(entry, [{"status": "ok"}, {"status": "pending", "reason": "r"}])
+    assert entry == {"status": "ok"}
 
 
 def _args(tb, out, datasets):

@@ -230,9 +230,11 @@ def _dataset_section(study: Study, key: str, ds: dict[str, Any], ours: Sequence[
         changes = (rec.get("trials") or [{}])[trial].get("overrides", {}) \
             if trial is not None else {}
         vals = " ".join(f"{r.values[s]:.2f}" for s in sorted(r.values))
+        planned = len(rec.get("final") or [])
+        cell = r.cell() + (f" ({r.n} of {planned} seeds)" if r.n < planned else "")
         rows.append([
             str(rank), f"**{k}**" if k in ours else k, rec.get("role", ""),
-            "-" if k == "ce" else _fmt_changes(changes), r.cell(), vals,
+            "-" if k == "ce" else _fmt_changes(changes), cell, vals,
             "(best baseline)" if k == base else
             (paired_cell(r, results[base]) if base else "n/a"),
             "n/a" if ce is None or ce.mean is None or k == "ce" else paired_cell(r, ce),
@@ -243,11 +245,15 @@ def _dataset_section(study: Study, key: str, ds: dict[str, Any], ours: Sequence[
                      "per seed", "Δ vs best baseline (wins)", "Δ vs CE (wins)",
                      "best val"], rows)
     bad = [(k, rec) for k, rec in ds["methods"].items() if rec.get("status", "ok") != "ok"]
+    # an entry the study lists but none of whose runs has finished (or started)
+    bad += [(k, {"status": "pending", "reason": "no finished run in this study"})
+            for k, rec in ds["methods"].items()
+            if rec.get("status", "ok") == "ok" and k not in ok]
     if bad:
         lines += ["", "Not in the table:", ""]
+        what = {"unsupported": "cannot run this pair", "pending": "not run yet"}
         for k, rec in sorted(bad):
-            what = "cannot run this pair" if rec["status"] == "unsupported" else "failed"
-            lines.append(f"* `{k}` {what}: {rec.get('reason')}")
+            lines.append(f"* `{k}` {what.get(rec['status'], 'failed')}: {rec.get('reason')}")
     findings = []
     if ok and base:
         top = ok[0]
