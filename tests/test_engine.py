@@ -172,6 +172,41 @@ def test_diverged_logits_are_caught_on_device_without_per_step_sync(tmp_path):
     assert ck["epoch"] == 1
 
 
+def test_a_step_failing_on_weights_a_nan_gradient_wrote_is_reported_as_divergence(tmp_path):
+    """A finite loss with a NaN gradient (kdsvd's SVD gradient at repeated singular values)
+    poisons the weights; the next step fails in some downstream op (an SVD of NaN features).
+    The engine names the cause instead of the downstream error."""
+    cfg = tiny_config(tmp_path, train={"epochs": 2, "log_every": 50})
+    tr = Trainer(cfg, "train")
+    real = tr.method.forward
+    calls = {"n": 0}
+
+    def nan_grad_then_fail(batch):
+        calls["n"] += 1
+        out = real(batch)
+        if calls["n"] == 2:  # finite value, NaN gradient: sqrt at 0 times 0
+            z = torch.zeros((), requires_grad=True) + 0.0 * out.total
+            out.total = out.total + 0.0 * torch.sqrt(z)
+        if calls["n"] == 3:
+            raise RuntimeError("linalg.svd: the input matrix contained non-finite values")
+        return out
+
+    tr.method.forward = nan_grad_then_fail
+    with pytest.raises(NonFiniteLossError, match=r"step 3 \(epoch 2\) failed \(RuntimeError: "
+                       r"linalg.svd.*non-finite weights .* with a finite loss") as info:
+        tr.fit()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    # an error on healthy weights is left as it is
+    tr2 = Trainer(tiny_config(tmp_path / "b", train={"epochs": 1}), "train")
+
+    def fail(batch):
+        raise RuntimeError("unrelated")
+
+    tr2.method.forward = fail
+    with pytest.raises(RuntimeError, match="^unrelated$"):
+        tr2.fit()
+
+
 def test_lr_schedule():
     ms = LRSchedule(SchedConfig(name="multistep", milestones=[2, 3], gamma=0.1), 1.0, 4, 10)
     assert [ms(e, 5) for e in range(4)] == pytest.approx([1, 1, 0.1, 0.01])

@@ -396,7 +396,12 @@ class Trainer:
             y = batch[1].to(dev, non_blocking=True)
             cached = batch[2] if self.uses_cache else None
             index = batch[-1].to(dev, non_blocking=True) if self.method_cls.needs_index else None
-            out, logits = self.step(x, y, epoch=epoch, cached=cached, index=index, views=views)
+            try:
+                out, logits = self.step(x, y, epoch=epoch, cached=cached, index=index,
+                                        views=views)
+            except Exception as e:
+                self._explain_failed_step(e, epoch, bad_step, bad_vals, keys)
+                raise
             total, terms = out.total, out.terms
             if step == 0:
                 keys = [k for k, v in terms.items()
@@ -472,6 +477,25 @@ class Trainer:
             f"non-finite loss at global step {g} (epoch {epoch}): {terms}. Nothing of this "
             f"epoch was saved; last good checkpoint: {self.ckpt_dir / 'last.pt'}. Try a lower "
             "optim.lr, train.grad_clip, or amp=bf16 instead of fp16.")
+
+    def _explain_failed_step(self, exc: Exception, epoch: int, bad_step: torch.Tensor,
+                             bad_vals: torch.Tensor, keys: list[str]) -> None:
+        """A step that raises on weights an earlier step made non-finite (e.g. an SVD of NaN
+        features) is that divergence: say so instead of the downstream error. Only on this
+        failure path, so the healthy loop keeps its single check per log point."""
+        bad = [n for n, p in self.step.train_module.named_parameters()
+               if not bool(torch.isfinite(p.detach()).all())]
+        if not bad:
+            return
+        if int(bad_step.item()) >= 0 and not self.dist.distributed:
+            self._check_finite(bad_step, bad_vals, keys, epoch)  # a non-finite loss: that one
+        raise NonFiniteLossError(
+            f"step {self.global_step + 1} (epoch {epoch}) failed ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}) because an earlier step wrote non-finite "
+            f"weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) with a finite "
+            "loss: a gradient was non-finite (e.g. kdsvd's SVD gradient at repeated singular "
+            f"values). Last checkpoint: {self.ckpt_dir / 'last.pt'} (non-finite too if it was "
+            "saved after that step).") from exc
 
     def _sync_buffers(self) -> None:
         """Rank 0's BN statistics everywhere, so every shard is evaluated with one model."""
