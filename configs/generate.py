@@ -165,9 +165,9 @@ FMNIST_PAIRS: tuple[Pair, ...] = (
          f"{FMNIST_TEACHER_RUN}/checkpoints/best.pt", "fashion_mnist.yaml", "demo"),
 )  # fmt: skip
 FMNIST_METHODS = ("kd", "dkd", "kd_ls", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
-# 10 classes: k 2 (docs/spec.md: k 2 or 3 for 10-class data; benchmarks/fmnist.py's validation-only
-# ablation, docs/results.md: k 1 86.61, k 2 86.30, k 3 86.17), DKD beta 4 (the same tuning: +0.37
-# over beta 8 at 20 epochs, 3 seeds); a 2-epoch warm-up for 20 epochs. `topkd demo` reads these.
+# 10 classes: k 2 (docs/spec.md: k 2 or 3 for 10-class data; chosen with DKD beta 4 by the
+# validation-only search of the removed in-memory loop, whose protocol docs/results.md re-runs
+# through the engine); a 2-epoch warm-up for 20 epochs. `topkd demo` reads these.
 FMNIST_OVERRIDES: dict[str, dict[str, object]] = {
     "kd": {},
     "dkd": {"beta": 4.0, "warmup": 2},

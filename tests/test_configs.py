@@ -281,7 +281,7 @@ def test_other_recipes():
     assert fm["teacher"]["checkpoint"].startswith(
         f"{teacher_run['output_dir']}/{teacher_run['name']}/"
     )
-    # validation-only tuning (benchmarks/fmnist.py, docs/results.md): k 2, DKD beta 4
+    # validation-only tuning of the removed in-memory loop (docs/losses.md): k 2, DKD beta 4
     assert fm["method"]["k"] == 2
     leaves = {m: compose(CONFIGS / "fashion_mnist" / "teacher_student" / f"{m}.yaml")["method"]
               for m in ("kd_tsm_tdl", "dkd_tsm_tdl", "dkd")}
