@@ -476,9 +476,8 @@ class Testbench:
         if cmd not in cmds:
             cmds.append(cmd)
         self.study.setdefault("datasets", {})
-        self._ran_legacy = False
-        # (dataset, part) this invocation wrote: a method entry ("methods", key), "k_ablation",
-        # "controls", "teacher". The rest of a dataset is another invocation's (save()).
+        # What this invocation wrote: (dataset, part) for a method entry ("methods", key),
+        # "k_ablation", "controls", "teacher"; ("legacy",). The rest is another's (save()).
         self._touched: set[tuple[str, ...]] = set()
 
     # ---------------------------------------------------------------- helpers
@@ -508,7 +507,7 @@ class Testbench:
                         if part in d and (key, part) not in self._touched:
                             own[part] = d[part]
                 # the legacy phase's record belongs to the invocation that ran it
-                if "legacy" in disk and not self._ran_legacy:
+                if "legacy" in disk and ("legacy",) not in self._touched:
                     self.study["legacy"] = disk["legacy"]
                 cmds = self.study.setdefault("commands", [])
                 for c in disk.get("commands") or []:
@@ -798,7 +797,7 @@ class Testbench:
                                      train_subset=sz["subset"], teacher=ckpt, cache=cache)
                     for s in sz["seeds"]]
             runs[key] = {"runs": recs, "recorded": recorded, "method": spec}
-        self._ran_legacy = True
+        self._touched.add(("legacy",))
         self.study["legacy"] = {"teacher": teacher, "recorded_teacher": LEGACY_TEACHER,
                                 "source": LEGACY_SOURCE, "sizes": sz, "methods": runs}
         self.save()

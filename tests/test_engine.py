@@ -128,20 +128,27 @@ def test_distill_from_last_pt_and_errors(teacher_run, tmp_path):
         Trainer(tiny_config(tmp_path, model={"name": "nonet"}), "train")
 
 
+def _on_each_step(tr, fn) -> None:
+    """Route the method's output of training step n (1-based) through ``fn(n, out)``."""
+    real, calls = tr.method.forward, {"n": 0}
+
+    def wrapped(batch):
+        calls["n"] += 1
+        return fn(calls["n"], real(batch))
+
+    tr.method.forward = wrapped
+
+
 def test_non_finite_loss_stops_and_keeps_last_pt(tmp_path):
     cfg = tiny_config(tmp_path, train={"epochs": 3, "log_every": 50})
     tr = Trainer(cfg, "train")
-    real = tr.method.forward
-    calls = {"n": 0}
 
-    def poisoned(batch):
-        calls["n"] += 1
-        out = real(batch)
-        if calls["n"] == 3:  # global step 3 = epoch 2, first step
+    def poisoned(n, out):
+        if n == 3:  # global step 3 = epoch 2, first step
             out.total = out.total * float("nan")
         return out
 
-    tr.method.forward = poisoned
+    _on_each_step(tr, poisoned)
     with pytest.raises(NonFiniteLossError,
                        match=r"global step 3 \(epoch 2\): total=nan, ce=[0-9.]+.*last.pt"):
         tr.fit()
@@ -178,20 +185,16 @@ def test_a_step_failing_on_weights_a_nan_gradient_wrote_is_reported_as_divergenc
     The engine names the cause instead of the downstream error."""
     cfg = tiny_config(tmp_path, train={"epochs": 2, "log_every": 50})
     tr = Trainer(cfg, "train")
-    real = tr.method.forward
-    calls = {"n": 0}
 
-    def nan_grad_then_fail(batch):
-        calls["n"] += 1
-        out = real(batch)
-        if calls["n"] == 2:  # finite value, NaN gradient: sqrt at 0 times 0
+    def nan_grad_then_fail(n, out):
+        if n == 2:  # finite value, NaN gradient: sqrt at 0 times 0
             z = torch.zeros((), requires_grad=True) + 0.0 * out.total
             out.total = out.total + 0.0 * torch.sqrt(z)
-        if calls["n"] == 3:
+        if n == 3:
             raise RuntimeError("linalg.svd: the input matrix contained non-finite values")
         return out
 
-    tr.method.forward = nan_grad_then_fail
+    _on_each_step(tr, nan_grad_then_fail)
     with pytest.raises(NonFiniteLossError, match=r"step 3 \(epoch 2\) failed \(RuntimeError: "
                        r"linalg.svd.*non-finite weights .* with a finite loss") as info:
         tr.fit()

@@ -288,7 +288,7 @@ def test_an_invocation_without_the_legacy_phase_keeps_its_record(tb, tmp_path):
         long = tb.Testbench(_args(tb, out, "fashion_mnist_pairs"))
         long.save()
         leg = tb.Testbench(_args(tb, out, "fashion_mnist"))
-        leg._ran_legacy = True
+        leg._touched.add(("legacy",))
         leg.study["legacy"] = {"methods": {"ce": {"runs": []}}}
         leg.save()
         long.ds(tb.TESTBEDS["fashion_mnist_pairs"])["methods"]["dkd"] = {"status": "ok"}
