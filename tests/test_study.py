@@ -21,7 +21,7 @@ FINAL = {
 
 
 def _run(root: Path, rel: str, seed: int, acc: float | None, val: float | None = None,
-         method: str = "kd") -> dict:
+         method: str = "kd", epochs: int = 8) -> dict:
     d = root / rel
     d.mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({
@@ -30,7 +30,7 @@ def _run(root: Path, rel: str, seed: int, acc: float | None, val: float | None =
     (d / "metrics.csv").write_text("epoch,train_tsm_corrected,test_acc1\n1,0.1,50\n2,0.2,60\n")
     (d / "config.yaml").write_text(yaml.safe_dump({
         "model": {"name": "fmnist_cnn_student"}, "data": {"train_subset": 4000},
-        "train": {"epochs": 8}, "method": {"name": method}}))
+        "train": {"epochs": epochs}, "method": {"name": method}}))
     return {"status": "ok", "dir": rel}
 
 
@@ -44,7 +44,7 @@ def root(tmp_path):
                "final": [_run(r, f"toy/final/{m}/seed_{s}", s, v) for s, v in enumerate(vals)]}
         if m != "ce":  # trial 1 wins on validation for dkd only
             vals_t = {"kd": (70.0, 69.0), "dkd": (70.0, 71.0), "topkd": (72.0, 72.0)}[m]
-            rec["trials"] = [{**_run(r, f"toy/tune/{m}/trial_{i}", 0, 60.0, v),
+            rec["trials"] = [{**_run(r, f"toy/tune/{m}/trial_{i}", 0, 60.0, v, epochs=3),
                               "overrides": {} if i == 0 else {"temperature": 2.0}}
                              for i, v in enumerate(vals_t)]
         ds["methods"][m] = rec
@@ -116,10 +116,24 @@ def test_report_cli_renders_a_study(root, tmp_path, capsys):
     assert main(["report", str(root), str(tmp_path)]) == 2  # a study is reported alone
 
 
-def test_setup_says_untuned_when_one_trial(root, tmp_path):
+def test_setup_says_which_entries_were_tuned_and_how(root, tmp_path):
+    # read from the entries' trials (number, and epochs from their run directories), not from
+    # the study's budget: entries tuned by different invocations may differ
     m = json.loads((root / "study.json").read_text())
-    assert "2 trials per method" in study.render(root, md_dir=tmp_path, plots=tmp_path)
-    m["budget"]["trials"] = 1
+    m["budget"]["trials"] = 7  # ignored
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "Tuning: 2 trials per method (the reference configuration and 1 random change " \
+        "of one or two parameters by x0.5 / x2) of 3 epochs, seed 0" in text
+    del m["datasets"]["toy"]["methods"]["dkd"]["trials"]  # dkd ran its reference config
+    (root / "study.json").write_text(json.dumps(m))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "of 3 epochs, seed 0, chosen on validation top-1 only for `kd`, `topkd`; none " \
+        "(the reference configuration, nothing to choose) for `dkd`." in text
+    row = next(line for line in text.splitlines() if line.startswith("| ") and "| dkd |" in line)
+    assert "| not tuned |" in row
+    for k in ("kd", "topkd"):
+        del m["datasets"]["toy"]["methods"][k]["trials"]
     (root / "study.json").write_text(json.dumps(m))
     text = study.render(root, md_dir=tmp_path, plots=tmp_path)
     assert "Tuning: none: every method runs its reference configuration" in text

@@ -184,24 +184,46 @@ def _setup(study: Study, dss: dict[str, Any]) -> list[str]:
         ])
     lines += _table(["dataset", "teacher", "teacher test top-1 @ best val", "teacher training",
                      "student", "student training"], rows)
-    budgets = {key: ds.get("budget") or b for key, ds in dss.items()}
-    one = len({json.dumps(v, sort_keys=True) for v in budgets.values()}) == 1
-    for key, bd in budgets.items():
-        prefix = "" if one else f"{dss[key].get('label', key)}: "
-        lines += ["", prefix + _budget_line(bd)]
+    texts = {key: _budget_line(ds.get("budget") or b, _tuning_text(study, ds))
+             for key, ds in dss.items()}
+    one = len(set(texts.values())) == 1
+    for key, text in texts.items():
+        lines += ["", ("" if one else f"{dss[key].get('label', key)}: ") + text]
         if one:
             break
     lines += [""]
     return lines
 
 
-def _budget_line(b: dict[str, Any]) -> str:
-    trials = int(b.get("trials", 1))
-    tuning = ("none: every method runs its reference configuration (one trial, nothing to "
-              "choose)" if trials == 1 else
-              f"{trials} trials per method (the reference configuration and {trials - 1} "
-              "random changes of one or two parameters by x0.5 / x2) of "
-              f"{b.get('tune_epochs')} epochs, seed 0, chosen on validation top-1 only")
+def _tuning_text(study: Study, ds: dict[str, Any]) -> str:
+    """What tuning each entry of a dataset had, read from its trials (their number and their
+    run directories' epochs): entries tuned in different invocations may differ."""
+    groups: dict[tuple[int, Any], list[str]] = {}
+    for k, rec in ds["methods"].items():
+        if k == "ce" or rec.get("status", "ok") == "unsupported":
+            continue
+        trials = rec.get("trials") or []
+        epochs = (study.config(trials[0]).get("train") or {}).get("epochs") if trials else None
+        groups.setdefault((len(trials), epochs), []).append(k)
+    texts = []
+    for (n, epochs), keys in sorted(groups.items(), key=lambda g: -g[0][0]):
+        if n <= 1:
+            what = "none (the reference configuration, nothing to choose)"
+        else:
+            what = (f"{n} trials (the reference configuration and {n - 1} random "
+                    f"change{'s' if n > 2 else ''} of one or two parameters by x0.5 / x2) "
+                    f"of {epochs} epochs, seed 0, chosen on validation top-1 only")
+        texts.append(what if len(groups) == 1 else
+                     f"{what} for {', '.join(f'`{k}`' for k in sorted(keys))}")
+    if len(groups) == 1 and next(iter(groups))[0] <= 1:
+        return "none: every method runs its reference configuration (one trial, nothing to " \
+               "choose)"
+    if len(groups) == 1:
+        return texts[0].replace(" trials (", " trials per method (", 1)
+    return "; ".join(texts)
+
+
+def _budget_line(b: dict[str, Any], tuning: str) -> str:
     return (
         f"Every student run: the dataset recipe (SGD, cosine, batch 128), "
         f"{b.get('epochs')} epochs on a fixed subset of {b.get('train_subset')} training "
@@ -234,7 +256,8 @@ def _dataset_section(study: Study, key: str, ds: dict[str, Any], ours: Sequence[
         cell = r.cell() + (f" ({r.n} of {planned} seeds)" if r.n < planned else "")
         rows.append([
             str(rank), f"**{k}**" if k in ours else k, rec.get("role", ""),
-            "-" if k == "ce" else _fmt_changes(changes), cell, vals,
+            "-" if k == "ce" else
+            (_fmt_changes(changes) if rec.get("trials") else "not tuned"), cell, vals,
             "(best baseline)" if k == base else
             (paired_cell(r, results[base]) if base else "n/a"),
             "n/a" if ce is None or ce.mean is None or k == "ce" else paired_cell(r, ce),
