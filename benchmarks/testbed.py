@@ -838,10 +838,11 @@ class Testbench:
                                 over.setdefault(section, {})[k] = base[section][k]
                     idx = next((i for i, t in enumerate(trials) if t.get("method") == chosen),
                                None)
-                    if idx is not None:
-                        note += f"# Trial {idx} of {len(trials)} (validation top-1, seed 0)"
-                        note += (f"; warm-up {self.budget.warmup:g} epochs as the testbed.\n"
-                                 if "warmup" in over else ".\n")
+                    note += (f"# Trial {idx} of {len(trials)} (validation top-1, seed 0)"
+                             if idx is not None else
+                             "# Not tuned: the method file's reference values")
+                    note += (f"; warm-up {over['warmup']:g} epochs as the testbed.\n"
+                             if "warmup" in over else ".\n")
                     body = {"teacher_student": over} if over else {}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(note + (yaml.safe_dump(body, default_flow_style=None,

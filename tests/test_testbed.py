@@ -234,6 +234,35 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     png = tmp_path / "docs" / "results" / "k_ablation_fashion_mnist_pairs.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --write-configs: the shipped override of an entry, applied to its method file, is exactly
+    # the section its final runs used (the chosen trial); an unsupported entry says why
+    po = tmp_path / "po"
+    assert tb.main(["--out", str(out), "--write-configs", "--configs-out", str(po),
+                    "--datasets", "fashion_mnist_pairs",
+                    "--methods", "ce,kd,topkd,test_refuses"]) == 0
+    written = po / "fashion_mnist_pairs"
+    assert sorted(p.name for p in written.iterdir()) == \
+        ["kd.yaml", "test_refuses.yaml", "topkd.yaml"]  # CE has nothing to choose
+    assert yaml.safe_load((written / "test_refuses.yaml").read_text()) == \
+        {"unsupported": {"teacher_student": ds["methods"]["test_refuses"]["reason"]}}
+    for key in ("kd", "topkd"):
+        vals = [tb.read_summary(out, t)["best_val_acc1"] for t in ds["methods"][key]["trials"]]
+        text = (written / f"{key}.yaml").read_text()
+        assert f"# Trial {vals.index(max(vals))} of 2 (validation top-1, seed 0)" in text
+        over = (yaml.safe_load(text) or {}).get("teacher_student", {})
+        ref = yaml.safe_load((ROOT / "configs" / "methods" / f"{key}.yaml").read_text())
+        shipped = _deep_merge(ref["method"], {k: v for k, v in over.items()
+                                              if k not in ("data", "optim", "sched", "train")})
+        assert params_to_dict(params_from_dict(shipped)) == ds["methods"][key]["chosen"]
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
+
 
 def test_budget_flags_override_the_sizes_and_are_recorded(tb, tmp_path):
     out = tmp_path / "b"
