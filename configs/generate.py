@@ -164,18 +164,17 @@ FMNIST_PAIRS: tuple[Pair, ...] = (
     Pair("teacher_student", "fmnist_cnn_teacher", "fmnist_cnn_student",
          f"{FMNIST_TEACHER_RUN}/checkpoints/best.pt", "fashion_mnist.yaml", "demo"),
 )  # fmt: skip
-FMNIST_METHODS = ("kd", "dkd", "kd_ls", "topkd", "kd_tsm_tdl", "dkd_tsm_tdl")
-# 10 classes: k 2 (docs/spec.md: k 2 or 3 for 10-class data; chosen with DKD beta 4 by the
-# validation-only search of the removed in-memory loop, whose protocol docs/results.md re-runs
-# through the engine); a 2-epoch warm-up for 20 epochs. `topkd demo` reads these.
-FMNIST_OVERRIDES: dict[str, dict[str, object]] = {
-    "kd": {},
-    "dkd": {"beta": 4.0, "warmup": 2},
-    "kd_ls": {},
-    "topkd": {"k": 2, "warmup": 2},
-    "kd_tsm_tdl": {"k": 2},
-    "dkd_tsm_tdl": {"beta": 4.0, "k": 2, "warmup": 2},
-}
+
+
+def _testbed_methods(dataset: str) -> tuple[str, ...]:
+    """The entries of ``pair_overrides/<dataset>/``: the testbed's tuned configurations
+    (``benchmarks/testbed.py --write-configs``: what the validation-only tuning chose relative
+    to the method file, docs/results.md), one leaf each; `topkd demo` reads five of them."""
+    folder = CONFIG_DIR / PAIR_OVERRIDES_DIR / dataset
+    return tuple(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+FMNIST_METHODS = _testbed_methods("fashion_mnist")
 
 # The strong teachers of the testbed (benchmarks/testbed.py, docs/results.md): all training images
 # (less the validation split), 10 epochs of the dataset recipe, trained once and reused through
@@ -196,15 +195,7 @@ PAIRS_PAIRS: tuple[Pair, ...] = (
          f"{PAIRS_TEACHER_RUN}/checkpoints/best.pt", "fashion_mnist_pairs.yaml",
          "derived 100-class set"),
 )  # fmt: skip
-PAIRS_METHODS = FMNIST_METHODS
-PAIRS_OVERRIDES: dict[str, dict[str, object]] = {
-    "kd": {},
-    "dkd": {"warmup": 2},
-    "kd_ls": {},
-    "topkd": {"warmup": 2},
-    "kd_tsm_tdl": {},
-    "dkd_tsm_tdl": {"warmup": 2},
-}
+PAIRS_METHODS = _testbed_methods("fashion_mnist_pairs")
 
 CIFAR_TEACHERS = ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "resnet50_cifar")
 LIGHT_STUDENTS = frozenset({"shufflev1", "shufflev2", "mobilenetv2"})
@@ -317,9 +308,9 @@ def generate() -> dict[str, str]:
     out.update(_distill_leaves("tiny_imagenet", TINY_PAIRS, TINY_METHODS, "methods"))
     out.update(_distill_leaves("cifar100_vit", VIT_PAIRS, VIT_METHODS, "methods"))
     out.update(_distill_leaves("fashion_mnist", FMNIST_PAIRS, FMNIST_METHODS, "methods",
-                               FMNIST_OVERRIDES))
+                               per_pair=True))
     out.update(_distill_leaves("fashion_mnist_pairs", PAIRS_PAIRS, PAIRS_METHODS, "methods",
-                               PAIRS_OVERRIDES))
+                               per_pair=True))
     scratch = [
         *(("teachers", "cifar100", m, C100, ()) for m in CIFAR_TEACHERS),
         *(("students", "cifar100", m, LIGHT if m in LIGHT_STUDENTS else C100, ())
