@@ -130,11 +130,12 @@ def test_demo_specs_are_the_configs(tmp_path):
     ref = load_config(configs / demo.TEACHER_CONFIG)
     t = demo.teacher_config(args)
     assert (t.model, t.method, t.optim, t.sched) == (ref.model, ref.method, ref.optim, ref.sched)
-    # what the testbed's tuning chose for Fashion-MNIST (configs/pair_overrides) is what the demo runs
+    # what the testbed's tuning chose for Fashion-MNIST (configs/pair_overrides) the demo runs
     import yaml
 
     for m in ("topkd", "dkd", "kd"):
-        chosen = yaml.safe_load((configs / "pair_overrides/fashion_mnist" / f"{m}.yaml").read_text())
+        chosen = yaml.safe_load(
+            (configs / "pair_overrides/fashion_mnist" / f"{m}.yaml").read_text())
         method = demo.method_config(args, m, 0).method
         for key, value in chosen["teacher_student"].items():
             assert getattr(method, key) == value, (m, key)

@@ -52,3 +52,19 @@ def test_the_rule_catches_the_patterns_it_forbids():
     assert _skips_on_import_error(ast.parse(src)) == [3]
     assert OWN.search(src.splitlines()[-1])
     assert EXCUSES.search('pytest.skip("LossSpec has not landed yet")')
+
+
+def test_the_code_passes_the_projects_linter():
+    """``ruff check`` with pyproject's rules (a [test] dependency): CI runs only pytest, so lint
+    is enforced here, not left to whoever remembers to run it."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    exe = str(ruff) if ruff.exists() else shutil.which("ruff")
+    assert exe, "ruff is a [test] dependency (pip install -e '.[test]')"
+    root = TESTS.parent
+    proc = subprocess.run([exe, "check", "--no-cache", "src", "tests", "benchmarks", "configs"],
+                          cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
