@@ -107,7 +107,8 @@ def test_loss_and_grads_match_reference(student, teacher, cls, beta):
     cls_t = ctx.teacher.get_classifier()
     want, _ = ref_loss(ref, fs, ft, cls_t, b.student.logits, b.teacher.logits, b.labels,
                        cls=cls, beta=beta)
-    got = m(b).total
+    out = m(b)
+    got = out.total
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
     params_s = [q for q in ctx.student.parameters() if q.requires_grad]
     g_got = torch.autograd.grad(got, [*params_s, *m.projector.parameters()], retain_graph=True)
@@ -117,6 +118,10 @@ def test_loss_and_grads_match_reference(student, teacher, cls, beta):
     # BatchNorm statistics move the same way
     for (k, a), w in zip(m.projector.state_dict().items(), ref.transfer.state_dict().values()):
         torch.testing.assert_close(a, w, msg=k)
+    # the logits of the training accuracy: the reference's logit_s = pred_feat_s
+    _, _, pred_feat_s = ref(fs, ft, cls_t)
+    torch.testing.assert_close(out.logits, pred_feat_s.detach(), rtol=1e-6, atol=1e-10)
+    assert not out.logits.requires_grad
 
 
 def test_evaluation_uses_the_projector_and_the_teacher_head():
@@ -150,6 +155,36 @@ def test_evaluation_uses_the_projector_and_the_teacher_head():
     rebuilt = wrap_model(net.wrapper_spec, create_model("resnet8", 10), 10).eval()
     rebuilt.load_state_dict(net.state_dict())
     torch.testing.assert_close(rebuilt(x), got)
+
+
+def test_engine_step_reports_the_evaluated_networks_logits():
+    """The engine's training accuracy reads the SimKD network's logits (projector + teacher
+    head), the student's own logits for a method that does not set them."""
+    from topkd.engine.step import Distiller
+    from topkd.methods.base import ModelOutput
+
+    ctx = context("resnet8", "vgg8")
+    ctx.student.float().train(), ctx.teacher.float().eval()
+    m = create_method("simkd", ctx)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        t_logits, t_feats = _taps(ctx.teacher, x, m.teacher_taps)
+        _, got = Distiller(ctx.student, m)(x, y, ModelOutput(t_logits, t_feats), 1.0)
+        want = m.eval_model(ctx.student)(x)  # train mode: the same batch statistics
+        own = ctx.student(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, own, atol=1e-3)
+    kd = create_method("kd")
+    with torch.no_grad():
+        _, got = Distiller(ctx.student, kd)(x, y, ModelOutput(t_logits), 1.0)
+    torch.testing.assert_close(got, own)
+
+
+def _taps(model, x, taps):
+    from topkd.models.features import FeatureTaps
+
+    with FeatureTaps(model, taps) as t:
+        return t(x)
 
 
 def _feats(model, x):

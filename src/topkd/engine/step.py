@@ -50,7 +50,8 @@ class Distiller(nn.Module):
     """Student + method as one module, so that DDP synchronises the gradients of both.
 
     ``forward`` runs the student on the main view (and extra views) and returns the method's
-    :class:`LossOutput` and the student's main-view logits.
+    :class:`LossOutput` and the main-view logits of the evaluated network (the student's, or
+    those the method gives in ``LossOutput.logits``) for the training accuracy.
     """
 
     def __init__(self, student: nn.Module, method: Method,
@@ -70,7 +71,8 @@ class Distiller(nn.Module):
             s_out = self._run(x)
             extra = {name: (self._run(xv), t) for name, (xv, t) in (views or {}).items()}
         batch = Batch(s_out, teacher, labels, epoch, index, extra)
-        return self.method(batch), s_out.logits
+        out = self.method(batch)
+        return out, s_out.logits if out.logits is None else out.logits
 
 
 @contextlib.contextmanager

@@ -68,6 +68,7 @@ class Batch:
     epoch: float | None = None
     index: Tensor | None = None
     views: dict[str, tuple[ModelOutput, ModelOutput | None]] = field(default_factory=dict)
+    eval_logits: Tensor | None = None
 
     @classmethod
     def of_logits(cls, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
@@ -81,13 +82,16 @@ class LossOutput:
     """``total = task + distill``; ``terms`` are detached 0-d tensors for logging.
 
     ``task`` is the CE part (``ce * CE``), ``distill`` the warmed-up distillation part: an
-    optimizer such as DOT treats their gradients separately.
+    optimizer such as DOT treats their gradients separately. ``logits``: the evaluated
+    network's main-view logits (detached) when a method set ``Batch.eval_logits``, else ``None``
+    (the student's own logits are the evaluated ones).
     """
 
     total: Tensor
     task: Tensor
     distill: Tensor
     terms: dict[str, Tensor]
+    logits: Tensor | None = None
 
     def __iter__(self):  # ``total, terms = method(...)``
         return iter((self.total, self.terms))
@@ -189,12 +193,12 @@ class Method(nn.Module):
         task = self.task_loss(batch, terms)
         if not self.needs_teacher:
             zero = task.new_zeros(())
-            return LossOutput(task, task, zero, _detached(terms))
+            return LossOutput(task, task, zero, _detached(terms), batch.eval_logits)
         warm = self.params.warmup_factor(batch.epoch)
         dist = self.distill(batch, terms)
         distill = dist * warm if warm != 1.0 else dist
         terms["warmup"] = torch.tensor(warm, dtype=distill.dtype, device=distill.device)
-        return LossOutput(task + distill, task, distill, _detached(terms))
+        return LossOutput(task + distill, task, distill, _detached(terms), batch.eval_logits)
 
     def task_loss(self, batch: Batch, terms: dict[str, Tensor]) -> Tensor:
         """``ce * CE(student logits, labels)``; records ``terms["ce"]`` (unweighted)."""

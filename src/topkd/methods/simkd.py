@@ -81,8 +81,10 @@ class SimKD(Method):
     teacher's classifier; ``best.pt`` records it as the ``simkd`` wrapper so ``topkd eval``
     rebuilds it). The reference trains with the MSE alone
     (``-c 0 -d 0 -b 1``): ``ce`` defaults to 0, and a CE term, if asked for, applies to the
-    student's own classifier as in the reference (``train_acc1`` is that classifier's accuracy
-    too; the test accuracy is the SimKD network's).
+    student's own classifier as in the reference. Accuracies, ``train_acc1`` included, are the
+    SimKD network's, as in the reference (``train_distill`` sets ``logit_s = pred_feat_s``
+    before its accuracy; the student's own head, which the MSE alone never trains, is at
+    chance).
     """
 
     Params = SimKDParams
@@ -124,7 +126,10 @@ class SimKD(Method):
         final_t = self._split_t["teacher"].final_map(teacher.feats)
         source, target = simkd_align(  # fp32 under AMP (the projector's dtype)
             as_compute(batch.student.feats["feats"][-1]), as_compute(final_t))
-        terms["feat"] = simkd_loss(self.projector(source), target)
+        projected = self.projector(source)
+        terms["feat"] = simkd_loss(projected, target)
+        # Training accuracy of the evaluated network (SimKDNet), not of the unused student head.
+        batch.eval_logits = self.head(projected.detach().mean((2, 3)))
         return self.params.feat_weight * terms["feat"]
 
     def eval_model(self, student: nn.Module) -> nn.Module:
