@@ -262,9 +262,40 @@ def _matches(run_dir: Path, cfg: Any) -> bool:
     return p.is_file() and _same(yaml.safe_load(p.read_text()), cfg.to_dict())
 
 
+_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, hashed once per (path, mtime, size): every run of a dataset asks."""
+    from topkd.checkpoints import sha256_file
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _SHA:
+        _SHA[key] = sha256_file(path)
+    return _SHA[key]
+
+
+def teacher_changed(run_dir: Path, cfg: Any) -> bool:
+    """The run distilled from other weights than ``teacher.checkpoint`` holds now (a teacher
+    retrained in place): its config still matches -- the path is the same -- but its result is
+    stale. Judged by ``env.json``'s ``teacher_sha256``; runs that recorded none are not judged."""
+    ckpt = cfg.teacher.checkpoint
+    env = run_dir / "env.json"
+    if not ckpt or not Path(ckpt).is_file() or not env.is_file():
+        return False
+    saved = json.loads(env.read_text()).get("teacher_sha256")
+    return saved is not None and saved != _file_sha256(Path(ckpt))
+
+
+def _current(run_dir: Path, cfg: Any) -> bool:
+    return _matches(run_dir, cfg) and not teacher_changed(run_dir, cfg)
+
+
 def finished(run_dir: Path, cfg: Any) -> bool:
-    """A finished run of this config (``summary.json`` and a matching ``config.yaml``)."""
-    return (run_dir / "summary.json").is_file() and _matches(run_dir, cfg)
+    """A finished run of this config (``summary.json``, a matching ``config.yaml``) and of the
+    teacher weights its checkpoint path holds now."""
+    return (run_dir / "summary.json").is_file() and _current(run_dir, cfg)
 
 
 def _aside(run_dir: Path) -> Path:
@@ -297,12 +328,14 @@ class Runner:
                     "reason": "not finished (the same command without --record trains or "
                               "resumes it)"}
         resume = "auto" if (run_dir / "checkpoints" / "last.pt").is_file() and \
-            _matches(run_dir, cfg) else None
+            _current(run_dir, cfg) else None
         if resume is None and run_dir.exists():
-            # another config's run (a changed default, an edited recipe): moved aside, never
-            # deleted -- it may be a teacher that took an hour, or results a report cites
+            # another config's run (a changed default, an edited recipe) or another teacher's:
+            # moved aside, never deleted -- it may be a teacher that took an hour, or results a
+            # report cites
+            why = "the teacher changed" if _matches(run_dir, cfg) else "config changed"
             stale = _aside(run_dir)
-            self.log(f"[testbed] {rel}: config changed; the old run moved to {stale.name}")
+            self.log(f"[testbed] {rel}: {why}; the old run moved to {stale.name}")
         try:
             trainer = Trainer(cfg, mode, run_dir, resume=resume, quiet=quiet,
                               argv=["benchmarks/testbed.py"])

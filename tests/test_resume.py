@@ -139,6 +139,23 @@ def test_resume_into_another_model_is_a_config_error(tmp_path):
         Trainer(other, "train", resume="auto")
 
 
+def test_resume_from_another_teacher_is_a_config_error(tmp_path):
+    """A distillation run resumes only from the teacher file it started with (its SHA-256)."""
+    from feature_engine_common import feature_config
+    from topkd.checkpoints import save_weights
+    from topkd.config import ConfigError
+    from topkd.models import create_model
+
+    cfg = feature_config(tmp_path, {"name": "kd"}, teacher="resnet8", epochs=2)
+    Trainer(cfg, "distill", quiet=True).fit(max_epochs=1)
+    assert Trainer(cfg, "distill", resume="auto", quiet=True).start_epoch == 2  # same teacher
+    torch.manual_seed(1)
+    save_weights(create_model("resnet8", 100), cfg.teacher.checkpoint)  # retrained in place
+    with pytest.raises(ConfigError, match="other teacher weights .* the teacher changed since "
+                                          "the run started"):
+        Trainer(cfg, "distill", resume="auto", quiet=True)
+
+
 def test_resume_with_dataloader_workers_is_bit_exact(tmp_path):
     # Augmentation then runs in a worker whose seed comes from the per-epoch generator.
     sections = {"data": {"augment": True, "num_workers": 1}, "train": {"epochs": 2}}

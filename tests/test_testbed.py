@@ -406,3 +406,38 @@ def test_a_changed_config_moves_the_old_run_aside_never_deletes_it(tb, tmp_path)
     (run_dir / "config.yaml").write_text("train: {epochs: 98}\n")
     tb.Runner(tmp_path, log=logs.append).run(cfg, "distill", run_dir)
     assert (tmp_path / "teachers" / "t.stale-2" / "config.yaml").is_file()
+
+
+def test_a_teacher_retrained_in_place_makes_its_students_stale(tb, tmp_path):
+    """Distillation runs name their teacher by path: a teacher retrained at the same path leaves
+    their configs matching, so the teacher's SHA-256 (env.json) decides; the old run is moved
+    aside and trained again, not reported as a result of the new teacher."""
+    import hashlib
+
+    from topkd.config import Config
+    from topkd.data.errors import DatasetNotFoundError
+
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"teacher weights, first training")
+    cfg = Config.from_dict({"method": {"name": "kd"},
+                            "data": {"name": "fashion_mnist", "root": str(tmp_path / "no_data")},
+                            "teacher": {"name": "fmnist_cnn_teacher", "checkpoint": str(ckpt)}})
+    run_dir = tmp_path / "final" / "kd" / "seed_0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "env.json").write_text(json.dumps(
+        {"teacher_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}))
+    assert tb.finished(run_dir, cfg) and not tb.teacher_changed(run_dir, cfg)
+    ckpt.write_bytes(b"teacher weights, trained again")
+    assert tb.teacher_changed(run_dir, cfg) and not tb.finished(run_dir, cfg)
+    assert tb.Runner(tmp_path, record=True).run(cfg, "distill", run_dir)["status"] == "pending"
+    logs: list[str] = []
+    with pytest.raises(DatasetNotFoundError):  # moved aside first, then trained again
+        tb.Runner(tmp_path, log=logs.append).run(cfg, "distill", run_dir)
+    assert any("kd/seed_0: the teacher changed; the old run moved to seed_0.stale-1" in m
+               for m in logs), logs
+    assert (run_dir.parent / "seed_0.stale-1" / "summary.json").is_file()
+    # a run that recorded no teacher (before the field existed) is not judged
+    (run_dir.parent / "seed_0.stale-1" / "env.json").write_text("{}")
+    assert not tb.teacher_changed(run_dir.parent / "seed_0.stale-1", cfg)

@@ -261,12 +261,11 @@ def _normalise(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a file's bytes (checkpoints): :func:`topkd.checkpoints.sha256_file`, the hash
+    the engine records for the teacher it loads, so that the two always agree."""
+    from topkd.checkpoints import sha256_file
+
+    return sha256_file(path)
 
 
 def _weights_sha256(model: nn.Module) -> str:
