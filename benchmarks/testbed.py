@@ -33,6 +33,15 @@ and reported as such; a run that fails while training is recorded as failed and 
 next invocation. Everything is described in ``OUT/study.json``, which ``topkd report OUT``
 renders (tables, paired differences, the K-ablation plot) from the run directories.
 
+Records outlive the machine: ``--archive FILE`` packs ``study.json`` and every run's config,
+env, summary and metrics (no weights, caches or TensorBoard files; deterministic bytes) into a
+``.tar.xz``, and ``tar -xJf FILE -C OUT`` restores them where they were written (configs name
+their paths). ``topkd report OUT`` then renders from them alone, and a later invocation skips
+their runs: it retrains a teacher whose ``best.pt`` is missing, and its students stay finished
+when the retrained weights are the ones they recorded (``env.json``'s
+``teacher_weights_sha256``; the engine is deterministic on the CPU), else they are trained
+again. The project keeps its records in ``docs/results/records.tar.xz``.
+
 The solver is the dataset recipe's for every method (``configs/base/<dataset>.yaml``: SGD 0.05,
 cosine, batch 128); method files keep only their ``method:`` section and the optimizer's name
 (DOT). Distillation warm-ups (DKD/TopKD's 20 of 240 epochs) become ``--warmup`` epochs.
@@ -41,6 +50,7 @@ cosine, batch 128); method files keep only their ``method:`` section and the opt
     python benchmarks/testbed.py --out runs/testbed_quick --quick   # CI-sized smoke run
     topkd report runs/testbed --template docs/results.template.md --output docs/results.md \\
         --plots docs/results
+    python benchmarks/testbed.py --out runs/testbed --archive docs/results/records.tar.xz
 """
 
 from __future__ import annotations
@@ -265,27 +275,34 @@ def _matches(run_dir: Path, cfg: Any) -> bool:
 _SHA: dict[tuple[str, int, int], str] = {}
 
 
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of a file, hashed once per (path, mtime, size): every run of a dataset asks."""
-    from topkd.checkpoints import sha256_file
+def _weights_sha256(cfg: Any) -> str:
+    """``state_dict_sha256`` of the teacher that ``cfg`` loads, as the engine computes it for
+    ``env.json``; once per (file, mtime, size): every run of a dataset asks."""
+    from topkd.checkpoints import load_teacher, state_dict_sha256
+    from topkd.data import dataset_info
 
+    path = Path(cfg.teacher.checkpoint)
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     if key not in _SHA:
-        _SHA[key] = sha256_file(path)
+        teacher = load_teacher(cfg.teacher.name, dataset_info(cfg.data.name).num_classes, path,
+                               verbose=False, **cfg.teacher.kwargs)
+        _SHA[key] = state_dict_sha256(teacher.state_dict())
     return _SHA[key]
 
 
 def teacher_changed(run_dir: Path, cfg: Any) -> bool:
     """The run distilled from other weights than ``teacher.checkpoint`` holds now (a teacher
-    retrained in place): its config still matches -- the path is the same -- but its result is
-    stale. Judged by ``env.json``'s ``teacher_sha256``; runs that recorded none are not judged."""
+    retrained in place to other weights): its config still matches -- the path is the same --
+    but its result is stale. Judged by ``env.json``'s ``teacher_weights_sha256`` (the weights,
+    not the file: a bit-identical retraining keeps its students); runs that recorded none are
+    not judged."""
     ckpt = cfg.teacher.checkpoint
     env = run_dir / "env.json"
     if not ckpt or not Path(ckpt).is_file() or not env.is_file():
         return False
-    saved = json.loads(env.read_text()).get("teacher_sha256")
-    return saved is not None and saved != _file_sha256(Path(ckpt))
+    saved = json.loads(env.read_text()).get("teacher_weights_sha256")
+    return saved is not None and saved != _weights_sha256(cfg)
 
 
 def _current(run_dir: Path, cfg: Any) -> bool:
@@ -307,6 +324,44 @@ def _aside(run_dir: Path) -> Path:
     return stale
 
 
+#: What a run directory's record is: what ``topkd report`` and a resumed testbed read.
+RECORD_FILES = ("config.yaml", "env.json", "summary.json", "metrics.csv")
+
+
+def archive_records(out: Path, dest: Path) -> int:
+    """Write the records of ``out`` into ``dest`` (``.tar.xz``) and return the number of runs.
+
+    The records are ``study.json`` and, of every run directory (one holding ``config.yaml``;
+    runs moved aside as ``*.stale-<n>`` are left out), its :data:`RECORD_FILES`: no weights,
+    teacher-logit caches or TensorBoard files. The archive is deterministic (sorted names, zero
+    times and owners), so the same records give the same bytes. ``tar -xJf dest -C out``
+    restores them: ``topkd report out`` then renders every table, and the testbed skips those
+    runs while their configs and teacher weights match (it retrains a teacher whose
+    ``best.pt`` is missing; its students stay finished if the retrained file has the SHA-256
+    they recorded, and are trained again if not).
+    """
+    import io
+    import os
+    import tarfile
+
+    if not (out / "study.json").is_file():
+        raise SystemExit(f"--archive: {out} holds no study.json (nothing the testbed wrote)")
+    runs = sorted(p.parent for p in out.rglob("config.yaml")
+                  if not any(".stale-" in part for part in p.relative_to(out).parts))
+    files = [out / "study.json"] + [r / n for r in runs for n in RECORD_FILES
+                                    if (r / n).is_file()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with tarfile.open(tmp, "w:xz", format=tarfile.PAX_FORMAT) as tar:
+        for f in files:
+            data = f.read_bytes()
+            info = tarfile.TarInfo(f.relative_to(out).as_posix())
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, dest)
+    return len(runs)
+
+
 class Runner:
     """Runs (or skips) engine runs, one after another, and records what happened."""
 
@@ -314,13 +369,19 @@ class Runner:
         self.out, self.log, self.record = out, log, record
         self.n_run = self.n_skipped = 0
 
-    def run(self, cfg: Any, mode: str, run_dir: Path, quiet: bool = True) -> dict[str, Any]:
-        """``{"status": "ok"|"unsupported"|"failed", "dir": rel, ["reason"], ["summary"]}``."""
+    def run(self, cfg: Any, mode: str, run_dir: Path, quiet: bool = True,
+            weights: bool = False) -> dict[str, Any]:
+        """``{"status": "ok"|"unsupported"|"failed", "dir": rel, ["reason"], ["summary"]}``.
+
+        ``weights``: later runs load this run's ``best.pt`` (a teacher), so a finished run
+        without it (records restored from an archive) is trained again.
+        """
         from topkd.config import ConfigError
         from topkd.engine import NonFiniteLossError, Trainer
 
         rel = str(run_dir.relative_to(self.out))
-        if finished(run_dir, cfg):
+        no_weights = weights and not (run_dir / "checkpoints" / "best.pt").is_file()
+        if finished(run_dir, cfg) and not no_weights:
             self.n_skipped += 1
             return {"status": "ok", "dir": rel}
         if self.record:  # --record: read what is there, train nothing
@@ -333,7 +394,9 @@ class Runner:
             # another config's run (a changed default, an edited recipe) or another teacher's:
             # moved aside, never deleted -- it may be a teacher that took an hour, or results a
             # report cites
-            why = "the teacher changed" if _matches(run_dir, cfg) else "config changed"
+            why = ("config changed" if not _matches(run_dir, cfg) else "the teacher changed"
+                   if teacher_changed(run_dir, cfg) else "its weights are missing (records "
+                   "without checkpoints, e.g. restored from an archive)")
             stale = _aside(run_dir)
             self.log(f"[testbed] {rel}: {why}; the old run moved to {stale.name}")
         try:
@@ -635,7 +698,7 @@ class Testbench:
         for tb in self.testbeds:
             cfg = self.teacher_cfg(tb)
             run_dir = Path(cfg.output_dir) / cfg.name
-            rec = self.runner.run(cfg, "train", run_dir, quiet=False)  # long: log epochs
+            rec = self.runner.run(cfg, "train", run_dir, quiet=False, weights=True)
             self._touched.add((tb.key, "teacher"))
             self.ds(tb)["teacher"] = {**rec, "config": tb.teacher,
                                       "model": cfg.model.name}
@@ -818,7 +881,7 @@ class Testbench:
         if self.args.data_root:
             ov.append(f"data.root={self.args.data_root}")
         tcfg = load_config(CONFIGS / tb.teacher, ov)
-        teacher = self.runner.run(tcfg, "train", root / "teacher", quiet=False)
+        teacher = self.runner.run(tcfg, "train", root / "teacher", quiet=False, weights=True)
         ckpt = root / "teacher" / "checkpoints" / "best.pt"
         cache = root / "cache"
         self.ensure_cache(tb, tcfg, ckpt, cache, sz["subset"], sz["views"])
@@ -934,11 +997,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "OUT (then run configs/generate.py) and exit")
     p.add_argument("--configs-out", default=str(CONFIGS / "pair_overrides"),
                    help="where --write-configs writes (default configs/pair_overrides)")
+    p.add_argument("--archive", metavar="FILE", default=None,
+                   help="write OUT's records (study.json; every run's config, env, summary and "
+                        "metrics: no weights or caches) into FILE (.tar.xz) and exit; restore "
+                        "with tar -xJf FILE -C OUT")
     args = p.parse_args(argv)
     args.argv = argv
     if args.list:
         for e in method_entries(args.methods.split(",") if args.methods else None):
             print(f"{e.key:<16} {e.method:<10} {e.role:<14} {e.file or '(registry defaults)'}")
+        return 0
+    if args.archive:
+        n = archive_records(Path(args.out), Path(args.archive))
+        print(f"wrote {args.archive}: the records of {n} runs of {args.out}")
         return 0
     import torch
 

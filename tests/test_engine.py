@@ -1,7 +1,6 @@
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -251,13 +250,17 @@ def test_teacher_cache_matches_online_distillation(teacher_run, tmp_path):
     ra, rb = read_metrics(online.run_dir), read_metrics(cached.run_dir)
     assert [float(r["train_kd"]) for r in ra] == \
         pytest.approx([float(r["train_kd"]) for r in rb], abs=1e-5)
-    # both record which teacher file they distilled from: the same one
-    want = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
+    # both record which teacher weights they distilled from: the same ones (names and bytes)
+    h = hashlib.sha256()
+    for k, v in torch.load(ckpt, weights_only=True)["model"].items():
+        h.update(k.encode() + v.contiguous().numpy().tobytes())
+    want = h.hexdigest()
     for run in (online, cached):
-        assert json.loads((run.run_dir / "env.json").read_text())["teacher_sha256"] == want
+        env = json.loads((run.run_dir / "env.json").read_text())
+        assert env["teacher_weights_sha256"] == want
         last = torch.load(run.run_dir / "checkpoints/last.pt", weights_only=True)
-        assert last["teacher_sha256"] == want
-    assert "teacher_sha256" not in json.loads((tcfg.run_dir / "env.json").read_text())
+        assert last["teacher_weights_sha256"] == want
+    assert "teacher_weights_sha256" not in json.loads((tcfg.run_dir / "env.json").read_text())
 
 
 def test_adamw_cosine_warmup_clip_and_step_cap(tmp_path):

@@ -234,6 +234,40 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     png = tmp_path / "docs" / "results" / "k_ablation_fashion_mnist_pairs.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --archive: the records alone (deterministic bytes) render the same report, and a testbed
+    # run on them (restored where they were written: configs name paths) retrains only the
+    # teachers, whose weights are not archived; the students' records stay finished because
+    # the retrained teachers have the weights they recorded
+    import shutil
+    import tarfile
+
+    arch = tmp_path / "records.tar.xz"
+    assert tb.main(["--out", str(out), "--archive", str(arch)]) == 0
+    data = arch.read_bytes()
+    assert tb.main(["--out", str(out), "--archive", str(arch)]) == 0
+    assert arch.read_bytes() == data
+    shutil.move(out, tmp_path / "original")
+    with tarfile.open(arch) as tar:
+        names = tar.getnames()
+        tar.extractall(out, filter="data")
+    assert "study.json" in names and all(n.rsplit("/", 1)[-1] in (
+        "study.json", *tb.RECORD_FILES) for n in names)
+    assert f"{ds['methods']['kd']['final'][0]['dir']}/summary.json" in names
+    md2 = tmp_path / "docs" / "results2.md"
+    assert cli(["report", str(out), "--output", str(md2), "--template", str(template),
+                "--plots", str(tmp_path / "docs" / "results")]) == 0
+    assert md2.read_text().replace("results2.md", "results.md") == md.read_text()
+    capsys.readouterr()
+    try:
+        assert tb.main(argv) == 0
+        log = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    assert log.count("its weights are missing") == 2, log  # the study's and the legacy teacher
+    assert "2 runs trained" in log, log
+    shutil.rmtree(out)
+    shutil.move(tmp_path / "original", out)
+
     # --write-configs: the shipped override of an entry, applied to its method file, is exactly
     # the section its final runs used (the chosen trial); an unsupported entry says why
     po = tmp_path / "po"
@@ -410,15 +444,18 @@ def test_a_changed_config_moves_the_old_run_aside_never_deletes_it(tb, tmp_path)
 
 def test_a_teacher_retrained_in_place_makes_its_students_stale(tb, tmp_path):
     """Distillation runs name their teacher by path: a teacher retrained at the same path leaves
-    their configs matching, so the teacher's SHA-256 (env.json) decides; the old run is moved
-    aside and trained again, not reported as a result of the new teacher."""
-    import hashlib
-
+    their configs matching, so the teacher's weights (env.json's SHA-256 of them) decide: other
+    weights move the old run aside to be trained again; the same weights in a new file (a
+    bit-identical retraining, whose checkpoint records other epoch times) keep it."""
+    from topkd.checkpoints import save_weights, state_dict_sha256
     from topkd.config import Config
     from topkd.data.errors import DatasetNotFoundError
+    from topkd.models import create_model
 
     ckpt = tmp_path / "best.pt"
-    ckpt.write_bytes(b"teacher weights, first training")
+    torch.manual_seed(0)
+    first = create_model("fmnist_cnn_teacher", 10)
+    save_weights(first, ckpt, meta={"epoch_time_s": 1.0})
     cfg = Config.from_dict({"method": {"name": "kd"},
                             "data": {"name": "fashion_mnist", "root": str(tmp_path / "no_data")},
                             "teacher": {"name": "fmnist_cnn_teacher", "checkpoint": str(ckpt)}})
@@ -427,9 +464,12 @@ def test_a_teacher_retrained_in_place_makes_its_students_stale(tb, tmp_path):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     (run_dir / "summary.json").write_text("{}")
     (run_dir / "env.json").write_text(json.dumps(
-        {"teacher_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}))
+        {"teacher_weights_sha256": state_dict_sha256(first.state_dict())}))
     assert tb.finished(run_dir, cfg) and not tb.teacher_changed(run_dir, cfg)
-    ckpt.write_bytes(b"teacher weights, trained again")
+    save_weights(first, ckpt, meta={"epoch_time_s": 2.0})  # same weights, another file
+    assert tb.finished(run_dir, cfg)
+    torch.manual_seed(1)
+    save_weights(create_model("fmnist_cnn_teacher", 10), ckpt)  # other weights
     assert tb.teacher_changed(run_dir, cfg) and not tb.finished(run_dir, cfg)
     assert tb.Runner(tmp_path, record=True).run(cfg, "distill", run_dir)["status"] == "pending"
     logs: list[str] = []

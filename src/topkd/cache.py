@@ -269,11 +269,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _weights_sha256(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    from topkd.checkpoints import state_dict_sha256
+
+    return state_dict_sha256(model.state_dict())
 
 
 def default_augment(base: Any) -> ReplayableCropFlip:

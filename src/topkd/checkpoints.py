@@ -45,6 +45,7 @@ __all__ = [
     "read_torch_file",
     "save_weights",
     "sha256_file",
+    "state_dict_sha256",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,17 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's names and tensor bytes, in its order: the identity of a set
+    of weights whatever file holds them (a file's hash also covers its metadata, e.g. the epoch
+    times a topkd checkpoint records, so a bit-identical retraining gives another file hash)."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -104,9 +104,10 @@ class Trainer:
                 "the teacher online")
         seed_everything(cfg.seed, cfg.deterministic)
 
-        #: SHA-256 of the teacher checkpoint file this run distils from (directly or through
-        #: the cache built from it): recorded in env.json and last.pt, checked on resume.
-        self.teacher_sha256: str | None = None
+        #: SHA-256 of the teacher's weights this run distils from (directly or through the
+        #: cache built from them; ``checkpoints.state_dict_sha256``): recorded in env.json and
+        #: last.pt, checked on resume.
+        self.teacher_weights_sha256: str | None = None
         # Data.
         self.data = build_datasets(cfg)
         check_augmentation(cfg, mcls, uses_cache=self.uses_cache,
@@ -122,7 +123,7 @@ class Trainer:
                                         dataset_name=cfg.data.name, match_transform=True)
             except (ValueError, FileNotFoundError) as e:  # incl. CacheMismatchError
                 raise ConfigError(f"train.teacher_cache={t.teacher_cache}: {e}") from None
-            self.teacher_sha256 = train_ds.cache.header.get("checkpoint_sha256")
+            self.teacher_weights_sha256 = train_ds.cache.header.get("weights_sha256")
         if mcls.needs_index:
             from topkd.engine.data import WithIndex
 
@@ -138,7 +139,9 @@ class Trainer:
         self.model = self._build_model()
         self.teacher = self._build_teacher() if self.uses_teacher and not self.uses_cache else None
         if self.teacher is not None:
-            self.teacher_sha256 = getattr(self.teacher, "weights_sha256", None)
+            from topkd.checkpoints import state_dict_sha256
+
+            self.teacher_weights_sha256 = state_dict_sha256(self.teacher.state_dict())
         self.method = self._build_method()
         _export_meta(self.method.eval_model(self.model), self.model)  # fail early, not at save
         self.step = build_train_step(cfg, self.model, self.teacher, self.method, self.device,
@@ -273,13 +276,13 @@ class Trainer:
                               f"{str(e).splitlines()[0]}") from None
         if ck.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ck["scaler"])
-        saved = ck.get("teacher_sha256")
-        if saved and self.teacher_sha256 and saved != self.teacher_sha256:
+        saved, now = ck.get("teacher_weights_sha256"), self.teacher_weights_sha256
+        if saved and now and saved != now:
             raise ConfigError(
                 f"cannot resume from {path}: the run distils from other teacher weights (sha256 "
-                f"{saved[:16]}...) than teacher.checkpoint={self.cfg.teacher.checkpoint} holds now "
-                f"({self.teacher_sha256[:16]}...): the teacher changed since the run started. "
-                "Start a new run (another name or output_dir), or restore that teacher file.")
+                f"{saved[:16]}...) than teacher.checkpoint={self.cfg.teacher.checkpoint} holds "
+                f"now ({now[:16]}...): the teacher changed since the run started. Start a new "
+                "run (another name or output_dir), or restore that teacher file.")
         self.start_epoch = int(ck["epoch"]) + 1
         self.global_step = int(ck["global_step"])
         self.best.update(ck["best"])
@@ -308,7 +311,7 @@ class Trainer:
             "best": dict(self.best),
             "rng": get_rng_state(),
             "world_size": self.dist.world_size,
-            "teacher_sha256": self.teacher_sha256,
+            "teacher_weights_sha256": self.teacher_weights_sha256,
             "config": self.cfg.to_dict(),
         }
         last = self.ckpt_dir / "last.pt"
@@ -361,7 +364,7 @@ class Trainer:
         env = collect_env(self.cfg.seed, self.argv, self.dist.world_size, self.device)
         env["mode"] = self.mode
         if self.uses_teacher:
-            env["teacher_sha256"] = self.teacher_sha256
+            env["teacher_weights_sha256"] = self.teacher_weights_sha256
         env["speed"] = self.step.speed_settings()  # what the auto switches resolved to
         env["speed"]["loader"] = ("batched" if isinstance(self.train_loader, BatchedLoader)
                                   else "dataloader")
