@@ -176,18 +176,31 @@ def mix_speed(batch: int, size: int, repeats: int, steps: int = 50) -> dict[str,
     return out
 
 
+def timed_sets(tmp: Path, sizes: bool = True) -> dict[str, Dataset]:
+    """The timed datasets: synthetic CIFAR-format pickles (20k images, written to ``tmp``) and
+    the real Fashion-MNIST when it is installed (60k); ``sizes`` names the sizes."""
+    write_cifar(tmp, "cifar100", n_per_file=20000)
+    sets = {f"CIFAR-format (synthetic{', 20k' if sizes else ''})":
+            get_dataset("cifar100", tmp, "train")}
+    try:
+        sets[f"Fashion-MNIST (real{', 60k' if sizes else ''})"] = \
+            get_dataset("fashion_mnist", None, "train")
+    except FileNotFoundError:
+        print("Fashion-MNIST not installed: skipped", file=sys.stderr)
+    return sets
+
+
+def machine_line() -> str:
+    """Processor, cores, torch and the load average: the context every table is read in."""
+    return (f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n")
+
+
 def main_policies(args: argparse.Namespace) -> None:
     batch = 128
     with tempfile.TemporaryDirectory() as tmp:
-        write_cifar(Path(tmp), "cifar100", n_per_file=20000)
-        sets = {"CIFAR-format (synthetic)": get_dataset("cifar100", tmp, "train")}
-        try:
-            sets["Fashion-MNIST (real)"] = get_dataset("fashion_mnist", None, "train")
-        except FileNotFoundError:
-            print("Fashion-MNIST not installed: skipped", file=sys.stderr)
-        rows = policy_rows(sets, batch, args.images, args.repeats)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n")
+        rows = policy_rows(timed_sets(Path(tmp), sizes=False), batch, args.images, args.repeats)
+    print(machine_line())
     print(f"| data | per-image policy (batch {batch}) | CPU ms / sample | x baseline | "
           "samples/s, 2 workers | x baseline |\n|---|---|---|---|---|---|")
     for name, pol, cpu, cpu_r, wall, wall_r in rows:
@@ -229,15 +242,8 @@ def batched_rows(sets: dict, batch: int, images: int, repeats: int) -> list[tupl
 def main_batched(args: argparse.Namespace) -> None:
     batch = 128
     with tempfile.TemporaryDirectory() as tmp:
-        write_cifar(Path(tmp), "cifar100", n_per_file=20000)
-        sets = {"CIFAR-format (synthetic, 20k)": get_dataset("cifar100", tmp, "train")}
-        try:
-            sets["Fashion-MNIST (real, 60k)"] = get_dataset("fashion_mnist", None, "train")
-        except FileNotFoundError:
-            print("Fashion-MNIST not installed: skipped", file=sys.stderr)
-        rows = batched_rows(sets, batch, args.images, args.repeats)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n")
+        rows = batched_rows(timed_sets(Path(tmp)), batch, args.images, args.repeats)
+    print(machine_line())
     print(f"| data (train transforms, batch {batch}) | DataLoader, 0 workers, images/s | "
           "engine's batched loader, images/s | ratio |\n|---|---|---|---|")
     for name, dl, bl in rows:
@@ -265,13 +271,7 @@ def main() -> None:
     batches = (256,) if args.quick else (64, 256)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_cifar(Path(tmp), "cifar100", n_per_file=20000)
-        sets = {"CIFAR-format (synthetic, 20k)": get_dataset("cifar100", tmp, "train")}
-        try:
-            sets["Fashion-MNIST (real, 60k)"] = get_dataset("fashion_mnist", None, "train")
-        except FileNotFoundError:
-            print("Fashion-MNIST not installed: skipped", file=sys.stderr)
-        for name, ds in sets.items():
+        for name, ds in timed_sets(Path(tmp)).items():
             info = ds.info
             pad = 4 if info.image_size == 32 else 2
             ref = PILPipeline(ds.data, ds.targets, info.image_size, pad, info.mean, info.std)
@@ -281,8 +281,7 @@ def main() -> None:
                                  loader_speed(ds, b, w, args.images, args.repeats)))  # fmt: skip
                 pil = loader_speed(ref, b, 0, args.images, args.repeats)
                 rows.append((name, "PIL reference", b, 0, pil))
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
+    print(machine_line())
     print("| data | pipeline | batch | workers | images/s |\n|---|---|---|---|---|")
     for name, pipe, b, w, s in rows:
         print(f"| {name} | {pipe} | {b} | {w} | {s:,.0f} |")
