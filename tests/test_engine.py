@@ -478,3 +478,46 @@ def test_out_of_range_training_labels_are_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"found 10$"):
         check_labels(Labelled([0, 10]), 10, "mine")
     check_labels(Subset(Labelled([0, -100, 9]), [0, 2]), 10, "mine")  # only the used samples
+
+
+def test_chance_collapse_rule():
+    """Two epochs or more with train, val and test accuracy all at most 1.5 x chance."""
+    from topkd.engine.trainer import chance_collapse
+
+    def rows(*accs, val=True):
+        return [{"train_acc1": a, "test_acc1": a, "train_loss": 3.6e4,
+                 **({"val_acc1": a} if val else {})} for a in accs]
+
+    why = chance_collapse(rows(9.8, 10.4), 10)
+    assert why.startswith("collapsed: every epoch at chance level (train_acc1 <= 10.40, "
+                          "val_acc1 <= 10.40, test_acc1 <= 10.40; chance 10.00 on 10 classes)")
+    assert "last 3.6e+04" in why and "train.grad_clip" in why
+    assert chance_collapse(rows(10.0), 10) is None  # one epoch says nothing yet
+    assert chance_collapse(rows(10.0, 15.1), 10) is None  # learned something
+    assert chance_collapse(rows(1.0, 1.4, 1.5, val=False), 100) is not None
+    assert chance_collapse(rows(1.0, 1.6, 1.0), 100) is None
+    r = rows(1.0, 1.0)
+    r[1]["val_acc1"] = 30.0  # any split above chance: not collapsed
+    assert chance_collapse(r, 100) is None
+
+
+def test_a_collapsed_run_warns_records_it_and_the_cli_says_so(tmp_path, monkeypatch, capsys):
+    import topkd.engine.trainer as trainer_mod
+    from topkd.cli import _result_line
+
+    seen = []
+
+    def fake(rows, num_classes):
+        seen.append((len(rows), num_classes))
+        return "collapsed: test" if len(rows) >= 2 else None
+
+    monkeypatch.setattr(trainer_mod, "chance_collapse", fake)
+    cfg = tiny_config(tmp_path, train={"epochs": 3})
+    with pytest.warns(UserWarning, match="seed 0: collapsed: test"):
+        summary = Trainer(cfg, "train").fit()
+    assert summary["warnings"] == ["collapsed: test"]
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["warnings"] == \
+        ["collapsed: test"]
+    assert seen[-1] == (3, 100)  # the finished run's rows, the dataset's classes
+    assert "COLLAPSED at chance level (seed 0: see 'warnings'" in _result_line([summary])
+    assert "COLLAPSED" not in _result_line([{**summary, "warnings": []}])

@@ -180,3 +180,16 @@ def test_entries_without_a_finished_run_are_listed_as_not_run(root, tmp_path):
     assert "`fitnet` cannot run this pair: needs a hint layer" in text
     assert not any(ln.startswith("| ") and (" vid " in ln or " sp " in ln)
                    for ln in text.splitlines())
+
+
+def test_collapsed_runs_are_flagged_under_the_table(root, tmp_path):
+    """Runs the engine flagged as collapsed (summary.json ``warnings``) stay in the table (their
+    number is what the method gave) and are named under it, with their seeds."""
+    assert "Collapsed" not in study.render(root, md_dir=tmp_path, plots=tmp_path)
+    for s in (0, 2):
+        p = root / f"toy/final/dkd/seed_{s}/summary.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()),
+                                 "warnings": ["collapsed: every epoch at chance level"]}))
+    text = study.render(root, md_dir=tmp_path, plots=tmp_path)
+    assert "learned nothing; `warnings` in its summary.json): `dkd` seeds 0, 2." in text
+    assert any(ln.startswith("| ") and " dkd " in ln for ln in text.splitlines())

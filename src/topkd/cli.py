@@ -208,6 +208,11 @@ def _result_line(summaries: list[dict[str, Any]]) -> str:
     if any(s.get("best_on") == "test" for s in summaries):
         out += (f"; best.pt picked on TEST (train.best_on=test, an oracle): "
                 f"{stat('best_test_acc1')}")
+    collapsed = [str(s.get("seed")) for s in summaries
+                 if any(w.startswith("collapsed") for w in s.get("warnings", []))]
+    if collapsed:
+        out += (f"; COLLAPSED at chance level (seed {', '.join(collapsed)}: see 'warnings' in "
+                "summary.json)")
     return out
 
 

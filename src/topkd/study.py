@@ -120,6 +120,15 @@ class Study:
                 out[int(s.get("seed", len(out)))] = float(s[metric])
         return Result(out)
 
+    def collapsed_seeds(self, recs: Sequence[dict[str, Any]]) -> list[int]:
+        """Seeds of the runs the engine flagged as collapsed (``warnings`` in summary.json)."""
+        out = []
+        for rec in recs:
+            s = self.summary(rec) or {}
+            if any(str(w).startswith("collapsed") for w in s.get("warnings", [])):
+                out.append(int(s.get("seed", -1)))
+        return sorted(out)
+
     def chosen_trial(self, trials: Sequence[dict[str, Any]]) -> int | None:
         """Index of the trial with the best validation top-1 (ties: the earlier trial)."""
         best, best_val = None, None
@@ -267,6 +276,13 @@ def _dataset_section(study: Study, key: str, ds: dict[str, Any], ours: Sequence[
     lines += _table(["#", "method", "role", "tuned (vs reference)", "test top-1 @ best val",
                      "per seed", "Δ vs best baseline (wins)", "Δ vs CE (wins)",
                      "best val"], rows)
+    collapsed = {k: seeds for k in ok
+                 if (seeds := study.collapsed_seeds(ds["methods"][k].get("final") or []))}
+    if collapsed:
+        lines += ["", "Collapsed (every epoch at chance level with a finite loss: the run "
+                  "learned nothing; `warnings` in its summary.json): " + "; ".join(
+                      f"`{k}` seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}"
+                      for k, v in sorted(collapsed.items())) + "."]
     bad = [(k, rec) for k, rec in ds["methods"].items() if rec.get("status", "ok") != "ok"]
     # an entry the study lists but none of whose runs has finished (or started)
     bad += [(k, {"status": "pending", "reason": "no finished run in this study"})

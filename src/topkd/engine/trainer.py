@@ -47,6 +47,29 @@ PREV_CKPT = "last.prev.pt"  # the previous epoch's last.pt (resume falls back to
 MODES = ("train", "distill")
 
 
+def chance_collapse(rows: list[dict[str, Any]], num_classes: int) -> str | None:
+    """Why the run learned nothing, or ``None``.
+
+    A run whose training and evaluation accuracies stayed at chance level (at most 1.5 x
+    ``100 / num_classes``) for two epochs or more has collapsed, with a finite loss that the
+    non-finite check cannot see (e.g. logits blown up by too large a distillation gradient).
+    ``rows`` are ``metrics.csv``'s rows.
+    """
+    if len(rows) < 2 or num_classes < 2:
+        return None
+    limit = 1.5 * 100.0 / num_classes
+    keys = [k for k in ("train_acc1", "val_acc1", "test_acc1") if k in rows[0]]
+    best = {k: max(float(r[k]) for r in rows) for k in keys}
+    if not keys or any(v > limit for v in best.values()):
+        return None
+    seen = ", ".join(f"{k} <= {v:.2f}" for k, v in best.items())
+    loss = float(rows[-1]["train_loss"])
+    return (f"collapsed: every epoch at chance level ({seen}; chance {100.0 / num_classes:.2f} "
+            f"on {num_classes} classes) with a finite loss (last {loss:.4g}): the run learned "
+            "nothing. Look at the loss terms in metrics.csv; a lower optim.lr, smaller "
+            "distillation weights or train.grad_clip may help")
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; raised before anything of that epoch is saved."""
 
@@ -550,6 +573,8 @@ class Trainer:
             return
         self.rows.append(row)
         _write_csv(self.run_dir / "metrics.csv", self.rows)
+        if len(self.rows) == 2 and (why := chance_collapse(self.rows, self.data.num_classes)):
+            warnings.warn(f"{self.cfg.name} seed {self.cfg.seed}: {why}", stacklevel=2)
         if self._tb is not None:
             for k, v in row.items():
                 if k != "epoch":
@@ -581,6 +606,8 @@ class Trainer:
                        "best_val_acc1", "best_val_epoch", "test_acc1_at_best_val",
                        "last_test_acc1", "last_test_acc5", "last_test_loss",
                        "best_test_acc1", "best_test_epoch")}}
+        if self.is_main and (why := chance_collapse(self.rows, self.data.num_classes)):
+            summary["warnings"] = [why]  # reports flag the run
         if self.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
