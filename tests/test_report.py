@@ -148,6 +148,19 @@ def test_markdown_table_means_and_stds(runs):
     top_line = next(line for line in lines if line.startswith(f"| {runs['topkd'].name} |"))
     cells = [c.strip() for c in top_line.strip("|").split("|")]
     assert cells[4:] == ["1", "3", "n/a", "n/a", "76.50", "77.25"]
+    assert "Collapsed" not in md and kd["collapsed"] == []
+
+
+def test_markdown_names_collapsed_runs(runs):
+    """Runs the engine flagged as collapsed (summary.json warnings) are named under the table."""
+    p = runs["kd"] / "seed_1" / "summary.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()),
+                             "warnings": ["collapsed: every epoch at chance level"]}))
+    rows = report.build_rows([report.read_run(d) for d in report.find_run_dirs([runs["root"]])])
+    assert rows[0]["collapsed"] == [1] and rows[1]["collapsed"] == []
+    md = report.format_markdown(rows)
+    assert (f"Collapsed at chance level (every epoch; `warnings` in summary.json): "
+            f"{runs['kd'].name} (seed 1).") in md
 
 
 def test_cli_writes_markdown_csv_and_plots(runs, tmp_path, capsys):

@@ -177,6 +177,8 @@ def build_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             epochs="?" if not epochs else (
                 str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"),
             run_dirs=[str(r.path) for r in group],
+            collapsed=sorted(int(r.summary.get("seed", -1)) for r in group if any(
+                str(w).startswith("collapsed") for w in r.summary.get("warnings", []))),
         )
         rows.append(row)
     return sorted(rows, key=lambda r: str(r["name"]))
@@ -208,7 +210,11 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
         cells = [str(r["name"]), str(r.get("dataset", "?")), str(r.get("pair", "?")),
                  str(r.get("method", "?")), str(n), str(r.get("epochs", "?")), *metrics]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n\n" + TABLE_NOTE + "\n"
+    collapsed = [f"{r['name']} (seed{'s' if len(r['collapsed']) > 1 else ''} "
+                 f"{', '.join(map(str, r['collapsed']))})" for r in rows if r.get("collapsed")]
+    note = ("" if not collapsed else "\n\nCollapsed at chance level (every epoch; `warnings` in "
+            "summary.json): " + "; ".join(collapsed) + ".")
+    return "\n".join(lines) + note + "\n\n" + TABLE_NOTE + "\n"
 
 
 def format_pivot(rows: Sequence[dict[str, Any]], metric: str = "test_acc1_at_best_val") -> str:
