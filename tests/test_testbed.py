@@ -481,3 +481,37 @@ def test_a_teacher_retrained_in_place_makes_its_students_stale(tb, tmp_path):
     # a run that recorded no teacher (before the field existed) is not judged
     (run_dir.parent / "seed_0.stale-1" / "env.json").write_text("{}")
     assert not tb.teacher_changed(run_dir.parent / "seed_0.stale-1", cfg)
+
+
+RECORDS = ROOT / "docs" / "results" / "records.tar.xz"
+
+
+def test_the_committed_records_are_whole_and_render(tmp_path):
+    """docs/results/records.tar.xz (``--archive``): every run study.json lists as finished has
+    its record, each dataset's students distilled from one teacher (the weights' SHA-256 in
+    their env.json), and ``topkd report`` renders them."""
+    import tarfile
+
+    from topkd import study
+
+    with tarfile.open(RECORDS) as tar:
+        tar.extractall(tmp_path, filter="data")
+    manifest = json.loads((tmp_path / "study.json").read_text())
+    for key, ds in manifest["datasets"].items():
+        recs = [r for m in ds["methods"].values()
+                for r in (m.get("trials") or []) + (m.get("final") or [])]
+        recs += [r for c in ds.get("controls", []) for r in c.get("runs", [])]
+        recs += [r for p in (ds.get("k_ablation") or {}).get("points", [])
+                 for r in p.get("runs", [])]
+        done = [tmp_path / r["dir"] for r in recs if r.get("status") == "ok"]
+        assert done, key
+        teachers = set()
+        for d in done:
+            assert all((d / n).is_file() for n in ("summary.json", "config.yaml", "env.json",
+                                                   "metrics.csv")), d
+            env = json.loads((d / "env.json").read_text())
+            if env.get("mode") == "distill":
+                teachers.add(env.get("teacher_weights_sha256"))
+        assert len(teachers) == 1 and None not in teachers, (key, teachers)
+    text = study.render(tmp_path, md_dir=tmp_path, plots=tmp_path / "plots")
+    assert "test top-1 @ best val" in text
