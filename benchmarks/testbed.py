@@ -40,7 +40,8 @@ their paths). ``topkd report OUT`` then renders from them alone, and a later inv
 their runs: it retrains a teacher whose ``best.pt`` is missing, and its students stay finished
 when the retrained weights are the ones they recorded (``env.json``'s
 ``teacher_weights_sha256``: the engine is deterministic on the CPU for one torch build and
-machine kind), else they are trained again. The project keeps its records in ``docs/results/records.tar.xz``.
+machine kind), else they are trained again. The project keeps its records in
+``docs/results/records.tar.xz``.
 
 The solver is the dataset recipe's for every method (``configs/base/<dataset>.yaml``: SGD 0.05,
 cosine, batch 128); method files keep only their ``method:`` section and the optimizer's name
