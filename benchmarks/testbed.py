@@ -338,8 +338,8 @@ def archive_records(out: Path, dest: Path) -> int:
     times and owners), so the same records give the same bytes. ``tar -xJf dest -C out``
     restores them: ``topkd report out`` then renders every table, and the testbed skips those
     runs while their configs and teacher weights match (it retrains a teacher whose
-    ``best.pt`` is missing; its students stay finished if the retrained file has the SHA-256
-    they recorded, and are trained again if not).
+    ``best.pt`` is missing; its students stay finished if the retrained weights have the
+    SHA-256 they recorded, and are trained again if not).
     """
     import io
     import os
@@ -395,9 +395,13 @@ class Runner:
             # another config's run (a changed default, an edited recipe) or another teacher's:
             # moved aside, never deleted -- it may be a teacher that took an hour, or results a
             # report cites
-            why = ("config changed" if not _matches(run_dir, cfg) else "the teacher changed"
-                   if teacher_changed(run_dir, cfg) else "its weights are missing (records "
-                   "without checkpoints, e.g. restored from an archive)")
+            if not _matches(run_dir, cfg):
+                why = "config changed"
+            elif teacher_changed(run_dir, cfg):
+                why = "the teacher changed"
+            else:
+                why = "its weights are missing (records without checkpoints, e.g. restored " \
+                      "from an archive)"
             stale = _aside(run_dir)
             self.log(f"[testbed] {rel}: {why}; the old run moved to {stale.name}")
         try:

@@ -62,6 +62,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+# One hash per concept, shared with the engine: a file (checkpoint) and a set of weights.
+from topkd.checkpoints import sha256_file as file_sha256
+from topkd.checkpoints import state_dict_sha256
+
 __all__ = [
     "CACHE_FORMAT",
     "CacheMismatchError",
@@ -260,20 +264,6 @@ def _normalise(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (u8.float().div_(255.0) - m) / s
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (checkpoints): :func:`topkd.checkpoints.sha256_file`, the hash
-    the engine records for the teacher it loads, so that the two always agree."""
-    from topkd.checkpoints import sha256_file
-
-    return sha256_file(path)
-
-
-def _weights_sha256(model: nn.Module) -> str:
-    from topkd.checkpoints import state_dict_sha256
-
-    return state_dict_sha256(model.state_dict())
-
-
 def default_augment(base: Any) -> ReplayableCropFlip:
     """The replayable crop/flip of an (unwrapped) dataset: its ``crop_flip`` recipe (every
     ``topkd.data`` dataset has one; per-half for ``fashion_mnist_pairs``), else crop + flip with
@@ -418,7 +408,7 @@ def build_cache(
         "format": CACHE_FORMAT,
         "teacher_name": teacher_name,
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-        "weights_sha256": _weights_sha256(teacher),
+        "weights_sha256": state_dict_sha256(teacher.state_dict()),
         "dataset": name,
         "data_sha256": _data_sha256(images, labels, indices),
         "base_n": len(images),

@@ -193,7 +193,7 @@ def _run_training(args: argparse.Namespace) -> int:
 
 def _result_line(summaries: list[dict[str, Any]]) -> str:
     """The honest number first: test acc@1 at the best-val epoch (mean ± std over seeds)."""
-    from topkd.engine.summary import format_mean_std
+    from topkd.engine.summary import format_mean_std, is_collapsed
 
     def stat(key: str) -> str:
         return format_mean_std([float(s[key]) for s in summaries])
@@ -208,8 +208,7 @@ def _result_line(summaries: list[dict[str, Any]]) -> str:
     if any(s.get("best_on") == "test" for s in summaries):
         out += (f"; best.pt picked on TEST (train.best_on=test, an oracle): "
                 f"{stat('best_test_acc1')}")
-    collapsed = [str(s.get("seed")) for s in summaries
-                 if any(w.startswith("collapsed") for w in s.get("warnings", []))]
+    collapsed = [str(s.get("seed")) for s in summaries if is_collapsed(s)]
     if collapsed:
         out += (f"; COLLAPSED at chance level (seed {', '.join(collapsed)}: see 'warnings' in "
                 "summary.json)")

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from topkd.engine.summary import METRICS, aggregate_runs
+from topkd.engine.summary import METRICS, aggregate_runs, is_collapsed
 
 MAX_DEPTH = 3
 
@@ -177,8 +177,8 @@ def build_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
             epochs="?" if not epochs else (
                 str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"),
             run_dirs=[str(r.path) for r in group],
-            collapsed=sorted(int(r.summary.get("seed", -1)) for r in group if any(
-                str(w).startswith("collapsed") for w in r.summary.get("warnings", []))),
+            collapsed=sorted(int(r.summary.get("seed", -1)) for r in group
+                             if is_collapsed(r.summary)),
         )
         rows.append(row)
     return sorted(rows, key=lambda r: str(r["name"]))

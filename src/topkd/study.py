@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from topkd.engine.summary import is_collapsed
+
 STUDY_FILE = "study.json"
 STUDY_FORMAT = "topkd-study/1"
 METRIC = "test_acc1_at_best_val"
@@ -125,7 +127,7 @@ class Study:
         out = []
         for rec in recs:
             s = self.summary(rec) or {}
-            if any(str(w).startswith("collapsed") for w in s.get("warnings", [])):
+            if is_collapsed(s):
                 out.append(int(s.get("seed", -1)))
         return sorted(out)
 

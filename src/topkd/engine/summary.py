@@ -27,6 +27,12 @@ METRICS: dict[str, str] = {
 }
 
 
+def is_collapsed(summary: dict[str, Any]) -> bool:
+    """The engine flagged the run as collapsed at chance level (``warnings`` in summary.json,
+    written by :func:`topkd.engine.trainer.chance_collapse`)."""
+    return any(str(w).startswith("collapsed") for w in summary.get("warnings", []))
+
+
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
