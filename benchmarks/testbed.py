@@ -439,15 +439,17 @@ def read_summary(out: Path, rec: dict[str, Any]) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 def knobs(section: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
     """``(path, value)`` of the tunable parameters of a method section: positive float weights,
-    temperatures... (``check`` pos/nonneg) and the top-k size ``k``; not the warm-up,
-    probabilities/momenta (``unit`` checks), booleans, choices or other integers."""
+    temperatures... (``check`` pos/nonneg) and the top-k size ``k``; not the warm-up, the
+    numerical constants ``eps`` (RKD's distance clamp, PKT's norm guard, VID's variance floor:
+    halving them spends a trial on nothing), probabilities/momenta (``unit`` checks), booleans,
+    choices or other integers."""
     from topkd.methods import Params, params_from_dict
 
     out: list[tuple[tuple[str, ...], Any]] = []
 
     def walk(p: Params, path: tuple[str, ...]) -> None:
         for f in dataclasses.fields(p):  # type: ignore[arg-type]
-            if f.name in ("warmup", "ignore_index") or not p.relevant(f.name):
+            if f.name in ("warmup", "ignore_index", "eps") or not p.relevant(f.name):
                 continue
             v = getattr(p, f.name)
             if isinstance(v, Params):

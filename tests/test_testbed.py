@@ -119,6 +119,15 @@ def test_knobs_are_weights_temperatures_and_k(tb):
     assert not names & {"warmup", "tsm.correct_gt", "tsm.schedule", "ignore_index"}
 
 
+@pytest.mark.parametrize("key", ["rkd", "pkt"])
+def test_numerical_epsilons_are_not_tuned(tb, key):
+    e = next(x for x in tb.method_entries() if x.key == key)
+    section = tb.canonical_method(tb.method_raw(e)["method"], 2.0)
+    assert "eps" in section  # the method has one...
+    names = {".".join(p) for p, _ in tb.knobs(section)}
+    assert names and "eps" not in names  # ...and the tuner leaves it alone
+
+
 def test_finished_runs_ignore_keys_added_to_the_schema(tb):
     saved = {"a": 1, "b": {"c": [1, 2]}, "gone": 3}
     assert tb._same(saved, {"a": 1, "b": {"c": [1, 2], "new": 0}})
