@@ -329,11 +329,37 @@ def _aside(run_dir: Path) -> Path:
 RECORD_FILES = ("config.yaml", "env.json", "summary.json", "metrics.csv")
 
 
+def _finished_dirs(node: Any) -> list[str]:
+    """The ``dir`` of every record in (a part of) ``study.json`` whose status is ``ok``."""
+    if isinstance(node, list):
+        return [d for x in node for d in _finished_dirs(x)]
+    if not isinstance(node, dict):
+        return []
+    own = [node["dir"]] if node.get("status") == "ok" and isinstance(node.get("dir"), str) else []
+    return own + [d for v in node.values() for d in _finished_dirs(v)]
+
+
+def _teacher_weights(out: Path, runs: Sequence[Path]) -> set[Path]:
+    """The existing checkpoints inside ``out`` that the configs of ``runs`` name as teacher
+    (configs hold them relative to the working directory, as the testbed wrote them)."""
+    found = set()
+    for r in runs:
+        ckpt = (yaml.safe_load((r / "config.yaml").read_text()) or {}).get("teacher") or {}
+        path = Path(ckpt.get("checkpoint") or "")
+        if ckpt.get("checkpoint") and path.is_file() and \
+                path.resolve().is_relative_to(out.resolve()):
+            found.add(out / path.resolve().relative_to(out.resolve()))
+    return found
+
+
 def archive_records(out: Path, dest: Path) -> int:
     """Write the records of ``out`` into ``dest`` (``.tar.xz``) and return the number of runs.
 
-    The records are ``study.json`` and, of every run directory (one holding ``config.yaml``;
-    runs moved aside as ``*.stale-<n>`` are left out), its :data:`RECORD_FILES`: no weights,
+    The records are ``study.json``; of every run it lists as finished (``"status": "ok"``; runs
+    moved aside, pending or failed are left out), its :data:`RECORD_FILES`; and the teacher
+    weights (``best.pt``) that the archived students name in ``teacher.checkpoint``: a few MB
+    that spare the next machine the teacher's retraining, which is not bit-identical across
+    CPUs and would otherwise make every archived student stale. No other weights, no
     teacher-logit caches or TensorBoard files. The archive is deterministic (sorted names, zero
     times and owners), so the same records give the same bytes. ``tar -xJf dest -C out``
     restores them: ``topkd report out`` then renders every table, and the testbed skips those
@@ -347,10 +373,12 @@ def archive_records(out: Path, dest: Path) -> int:
 
     if not (out / "study.json").is_file():
         raise SystemExit(f"--archive: {out} holds no study.json (nothing the testbed wrote)")
-    runs = sorted(p.parent for p in out.rglob("config.yaml")
-                  if not any(".stale-" in part for part in p.relative_to(out).parts))
+    manifest = json.loads((out / "study.json").read_text())
+    runs = sorted({out / d for d in _finished_dirs(manifest)
+                   if (out / d / "config.yaml").is_file()})
     files = [out / "study.json"] + [r / n for r in runs for n in RECORD_FILES
                                     if (r / n).is_file()]
+    files += sorted(_teacher_weights(out, runs))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     with tarfile.open(tmp, "w:xz", format=tarfile.PAX_FORMAT) as tar:

@@ -243,10 +243,10 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     png = tmp_path / "docs" / "results" / "k_ablation_fashion_mnist_pairs.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # --archive: the records alone (deterministic bytes) render the same report, and a testbed
-    # run on them (restored where they were written: configs name paths) retrains only the
-    # teachers, whose weights are not archived; the students' records stay finished because
-    # the retrained teachers have the weights they recorded
+    # --archive: the records and the teachers' weights (deterministic bytes) render the same
+    # report, and a testbed run on them (restored where they were written: configs name paths)
+    # trains nothing; a teacher whose weights are missing is retrained, and its students' records
+    # stay finished because the retrained teacher has the weights they recorded
     import shutil
     import tarfile
 
@@ -259,8 +259,11 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     with tarfile.open(arch) as tar:
         names = tar.getnames()
         tar.extractall(out, filter="data")
+    weights = [n for n in names if n.endswith(".pt")]
     assert "study.json" in names and all(n.rsplit("/", 1)[-1] in (
-        "study.json", *tb.RECORD_FILES) for n in names)
+        "study.json", "best.pt", *tb.RECORD_FILES) for n in names)
+    assert sorted(weights) == sorted(f"{d}/checkpoints/best.pt" for d in (
+        ds["teacher"]["dir"], "legacy/teacher")), weights  # the study's and the legacy teacher
     assert f"{ds['methods']['kd']['final'][0]['dir']}/summary.json" in names
     md2 = tmp_path / "docs" / "results2.md"
     assert cli(["report", str(out), "--output", str(md2), "--template", str(template),
@@ -269,11 +272,15 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     capsys.readouterr()
     try:
         assert tb.main(argv) == 0
+        restored = capsys.readouterr().out
+        (out / ds["teacher"]["dir"] / "checkpoints" / "best.pt").unlink()
+        assert tb.main(argv) == 0
         log = capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
-    assert log.count("its weights are missing") == 2, log  # the study's and the legacy teacher
-    assert "2 runs trained" in log, log
+    assert "0 runs trained" in restored and "its weights are missing" not in restored, restored
+    assert log.count("its weights are missing") == 1, log
+    assert "1 runs trained" in log, log
     shutil.rmtree(out)
     shutil.move(tmp_path / "original", out)
 
@@ -490,6 +497,38 @@ def test_a_teacher_retrained_in_place_makes_its_students_stale(tb, tmp_path):
     # a run that recorded no teacher (before the field existed) is not judged
     (run_dir.parent / "seed_0.stale-1" / "env.json").write_text("{}")
     assert not tb.teacher_changed(run_dir.parent / "seed_0.stale-1", cfg)
+
+
+def test_the_archive_holds_finished_runs_and_the_weights_they_name(tb, tmp_path, monkeypatch):
+    """Runs that study.json does not list as finished (pending after their teacher changed,
+    failed, moved aside) stay out; the teacher checkpoint a finished student names goes in,
+    one outside the study's folder does not."""
+    import tarfile
+
+    monkeypatch.chdir(tmp_path)
+    out = Path("runs")
+    for d in ("teachers/t", "s/ok", "s/pending", "s/ok.stale-1", "s/outside"):
+        (out / d).mkdir(parents=True)
+        (out / d / "summary.json").write_text("{}")
+        (out / d / "config.yaml").write_text("{}\n")
+    (out / "teachers/t/checkpoints").mkdir()
+    (out / "teachers/t/checkpoints/best.pt").write_bytes(b"w")
+    (out / "teachers/t/checkpoints/last.pt").write_bytes(b"w")
+    Path("elsewhere.pt").write_bytes(b"x")
+    (out / "s/ok/config.yaml").write_text(
+        "teacher: {checkpoint: runs/teachers/t/checkpoints/best.pt}\n")
+    (out / "s/outside/config.yaml").write_text("teacher: {checkpoint: elsewhere.pt}\n")
+    (out / "study.json").write_text(json.dumps({"datasets": {"d": {
+        "teacher": {"status": "ok", "dir": "teachers/t"},
+        "methods": {"m": {"status": "ok", "final": [
+            {"status": "ok", "dir": "s/ok"}, {"status": "pending", "dir": "s/pending"},
+            {"status": "ok", "dir": "s/outside"}]}}}}}))
+    assert tb.archive_records(out, tmp_path / "a.tar.xz") == 3
+    with tarfile.open(tmp_path / "a.tar.xz") as tar:
+        names = set(tar.getnames())
+    assert names == {"study.json", "teachers/t/checkpoints/best.pt"} | {
+        f"{d}/{n}" for d in ("teachers/t", "s/ok", "s/outside")
+        for n in ("config.yaml", "summary.json")}
 
 
 RECORDS = ROOT / "docs" / "results" / "records.tar.xz"
