@@ -162,3 +162,84 @@ def test_kdsvd_needs_equal_widths_and_two_stages():
         kdsvd_loss(g_s[:1], g_t[:1])
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         kdsvd_loss(g_s, g_t, 0)
+
+
+# ---- svd_grad="safe": the corrected SVD gradient
+def _svd_grads(a, safe, ws, wv, n=2):
+    from topkd.methods.kdsvd import _SafeSVD
+
+    a = a.detach().clone().requires_grad_()
+    if safe:
+        s, v = _SafeSVD.apply(a)
+    else:
+        _, s, vh = torch.linalg.svd(a, full_matrices=False)
+        v = vh.mH
+    # |v|^2: independent of the SVD's sign convention, which can differ between two matrices
+    ((s * ws).sum() + (v[..., :n] ** 2 * wv).sum()).backward()
+    return a.grad
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 4), (3, 6)], ids=["tall", "square", "wide"])
+def test_safe_svd_gradient_is_torchs_where_that_is_defined(shape):
+    """Distinct non-zero singular values: the same gradient as torch's autograd (and finite
+    differences), through S and the leading right singular vectors."""
+    from topkd.methods.kdsvd import _SafeSVD
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+    p = min(shape)
+    ws = torch.randn(2, p, generator=g, dtype=torch.float64)
+    wv = torch.randn(2, shape[1], 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_svd_grads(a, True, ws, wv), _svd_grads(a, False, ws, wv),
+                               rtol=1e-9, atol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda x: ((_SafeSVD.apply(x)[1][..., :2] ** 2) * wv).sum()
+        + (_SafeSVD.apply(x)[0] * ws).sum(), (a.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6)], ids=["tall", "wide"])
+def test_safe_svd_gradient_is_finite_at_repeated_unused_singular_values(shape):
+    """Two zero columns (tall) / rows (wide): two exactly-zero singular values, which the loss
+    does not use. torch's gradient is NaN (inf * 0); the safe one is finite and is the limit of
+    torch's on the matrix perturbed away from the repetition."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+    if shape[0] > shape[1]:
+        a[..., -2:] = 0
+    else:
+        a[..., -2:, :] = 0
+    ws = torch.zeros(2, min(shape), dtype=torch.float64)
+    wv = torch.randn(2, shape[1], 2, generator=g, dtype=torch.float64)
+    assert not torch.isfinite(_svd_grads(a, False, ws, wv)).all()
+    safe = _svd_grads(a, True, ws, wv)
+    assert torch.isfinite(safe).all() and safe.abs().sum() > 0
+    bump = torch.zeros_like(a)
+    if shape[0] > shape[1]:
+        bump[..., -2:] = torch.tensor([[1e-7, 0], [0, 3e-7]] + [[0, 0]] * (shape[0] - 2),
+                                      dtype=torch.float64)
+    else:
+        bump[..., -2:, :2] = torch.tensor([[1e-7, 0], [0, 3e-7]], dtype=torch.float64)
+    torch.testing.assert_close(safe, _svd_grads(a + bump, False, ws, wv), rtol=0, atol=1e-5)
+
+
+def test_kdsvd_safe_gradient_on_feature_maps():
+    """svd_grad: safe leaves the loss and (where torch's is finite) its gradients unchanged, and
+    trains on maps with dead columns (ReLU zeros), where the reference's gradient is NaN."""
+    b = feature_batch(S, T, grad=True, seed=3)
+    g_s, g_t = b.student.feats["feats"][1:], b.teacher.feats["feats"][1:]
+    safe = kdsvd_loss(g_s, g_t, 1, svd_grad="safe")
+    assert_same_loss_and_grads(safe, ref_kdsvd_loss(g_s, g_t, 1), leaves(b)[1:])
+    dead = [f.detach().clone() for f in g_s]
+    for f in dead:
+        f[..., -2:] = 0  # the last two width positions dead in every stage
+    dead = [f.requires_grad_() for f in dead]
+    grads = {}
+    for how in ("torch", "safe"):
+        grads[how] = torch.autograd.grad(kdsvd_loss(dead, g_t, 1, svd_grad=how), dead)
+    assert not all(torch.isfinite(x).all() for x in grads["torch"])
+    assert all(torch.isfinite(x).all() for x in grads["safe"])
+    assert sum(x.abs().sum() for x in grads["safe"]) > 0
+    m = create_method({"name": "kdsvd", "svd_grad": "safe"}, context(S, T))
+    assert m.params.svd_grad == "safe"
+    with pytest.raises(ValueError, match="svd_grad must be 'torch' or 'safe'"):
+        kdsvd_loss(g_s, g_t, 1, svd_grad="authors")

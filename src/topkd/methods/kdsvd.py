@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as TF
@@ -21,16 +22,62 @@ def _finite(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), x, 0.0)
 
 
-def _right_singular(feat: Tensor, n: int, channel_svd: bool = False) -> tuple[Tensor, Tensor]:
+class _SafeSVD(torch.autograd.Function):
+    r"""``(S, V)`` of the thin SVD ``A = U diag(S) V^T`` of ``(B, M, N)`` matrices, whose backward
+    is the exact one (Townsend, "Differentiating the singular value decomposition", 2016)
+
+    .. math::
+        \bar A = U\big(\mathrm{diag}(\bar S) + S\,(F \circ (V^T\bar V - \bar V^T V))\big)V^T
+                 + U S^{-1} \bar V^T (I - V V^T),\qquad F_{ij} = 1 / (s_j^2 - s_i^2),
+
+    with the entries of :math:`F` and :math:`S^{-1}` that are not finite set to 0. They multiply
+    only zeros when the repeated (or zero) singular values belong to vectors the loss does not
+    use, as in KDSVD, which keeps the leading few: there the result is the limit of the
+    gradient, where ``torch.linalg.svd``'s gives ``inf * 0 = NaN``. Between repeated singular
+    values that the loss does use, the gradient is undefined and their term is dropped.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor) -> tuple[Tensor, Tensor]:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        v = vh.mH
+        ctx.save_for_backward(u, s, v)
+        return s, v
+
+    @staticmethod
+    def backward(ctx: Any, gs: Tensor | None, gv: Tensor | None) -> Tensor:
+        u, s, v = ctx.saved_tensors
+        inner = torch.zeros(s.shape + s.shape[-1:], dtype=s.dtype, device=s.device)
+        if gs is not None:
+            inner = torch.diag_embed(gs)
+        if gv is None:
+            return u @ inner @ v.mT
+        s2 = s * s
+        f = _finite(1.0 / (s2.unsqueeze(-2) - s2.unsqueeze(-1)))  # the diagonal (1/0) too
+        vtg = v.mT @ gv
+        inner = inner + s.unsqueeze(-1) * (f * (vtg - vtg.mT))
+        out = u @ inner @ v.mT
+        if v.shape[-2] > v.shape[-1]:  # wide A: V does not span R^N
+            s_inv = _finite(1.0 / s)
+            out = out + (u * s_inv.unsqueeze(-2)) @ (gv.mT - (gv.mT @ v) @ v.mT)
+        return out
+
+
+def _right_singular(feat: Tensor, n: int, channel_svd: bool = False,
+                    safe: bool = False) -> tuple[Tensor, Tensor]:
     """The first ``n`` singular values ``(B, n)`` and right singular vectors ``(B, W, n)`` of
     ``feat`` viewed as ``(B, C*H, W)`` (``channel_svd``: ``(B, H*W, C)``, vectors ``(B, C, n)``),
     each L2-normalised (mdistiller's ``svd``; its left singular vectors are computed there and
-    never used)."""
+    never used). ``safe``: :class:`_SafeSVD`'s gradient instead of torch's."""
     b, c, h, w = feat.shape
     x = feat.permute(0, 2, 3, 1).reshape(b, h * w, c) if channel_svd else \
         feat.reshape(b, c * h, w)
-    _, s, vh = torch.linalg.svd(as_float(x), full_matrices=False)
-    s, v = _finite(s), _finite(vh.mH)
+    if safe:
+        s, v = _SafeSVD.apply(as_float(x))
+    else:
+        _, s, vh = torch.linalg.svd(as_float(x), full_matrices=False)
+        v = vh.mH
+    s, v = _finite(s), _finite(v)
     return TF.normalize(s[:, :n], dim=1), TF.normalize(v[:, :, :n], dim=1)
 
 
@@ -43,7 +90,8 @@ def _align(v_s: Tensor, v_t: Tensor) -> Tensor:
 
 
 def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1,
-               channel_svd: bool = False) -> Tensor:
+               channel_svd: bool = False,
+               svd_grad: Literal["torch", "safe"] = "torch") -> Tensor:
     r"""KDSVD: RBF correlations of singular vectors between consecutive stages.
 
     For every stage ``i`` (student and teacher paired in order) the map ``(B, C, H, W)`` is
@@ -67,6 +115,15 @@ def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1,
         channel_svd: the corrected layout: each stage viewed as ``(B, H*W, C)``, as the
             authors' TensorFlow code (singular vectors over channels, so every paired stage
             needs the same channel count instead of the same width).
+        svd_grad: ``"torch"`` (the reference: ``torch.linalg.svd``'s gradient, NaN as soon as
+            a student map has two equal singular values, e.g. two all-zero columns after a
+            ReLU, although the loss uses only the leading vectors) or ``"safe"`` (the corrected
+            option: the same gradient without the terms of the unused repeated values, see
+            :class:`_SafeSVD`; equal to torch's wherever that is finite). The authors'
+            TensorFlow code registers its own SVD gradient to the same end, but its NaN removal
+            zeroes the whole coupling matrix (its diagonal ``1/0`` counts as non-finite), so
+            for ``(H*W, C)`` matrices with ``H*W >= C`` (every stage of a CIFAR ResNet) the
+            loss sends no gradient at all; we do not reproduce that.
 
     Returns:
         A scalar, as mdistiller ``mdistiller/distillers/KDSVD.py`` (``kdsvd_loss``), with its
@@ -79,6 +136,8 @@ def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1,
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"kdsvd_loss: k must be an int >= 1, got {k!r}")
+    if svd_grad not in ("torch", "safe"):
+        raise ValueError(f"kdsvd_loss: svd_grad must be 'torch' or 'safe', got {svd_grad!r}")
     pairs = stage_pairs("kdsvd_loss", g_s, g_t)
     if len(pairs) < 2:
         raise ValueError(f"kdsvd_loss: needs at least 2 stages (it correlates consecutive "
@@ -96,7 +155,7 @@ def kdsvd_loss(g_s: Sequence[Tensor], g_t: Sequence[Tensor], k: int = 1,
     for f_s, f_t in pairs:
         with torch.no_grad():
             s_t, v_t = _right_singular(f_t.detach(), k, channel_svd)
-        _, v_s = _right_singular(f_s, k + 3, channel_svd)
+        _, v_s = _right_singular(f_s, k + 3, channel_svd, safe=svd_grad == "safe")
         v_s = _align(v_s, v_t)
         s_t = s_t.unsqueeze(1)
         v_t, v_s = v_t * s_t, v_s * s_t
@@ -119,6 +178,9 @@ class KDSVDParams(MethodParams):
     channel_svd: bool = param(False, "corrected layout: SVD of each stage as a (H*W, C) matrix "
                                      "as the authors' code (mdistiller: (C*H, W)); needs equal "
                                      "channel counts per stage")
+    svd_grad: Literal["torch", "safe"] = param(
+        "torch", "gradient of the student's SVD: 'torch' (the reference; NaN at repeated "
+                 "singular values, even unused ones) or 'safe' (corrected: those terms dropped)")
 
 
 @register_method("kdsvd")
@@ -143,6 +205,6 @@ class KDSVD(Method):
         if io is None:
             return zero_loss(batch)
         s, t = io
-        loss = kdsvd_loss(s["feats"][1:], t["feats"][1:], p.k, p.channel_svd)
+        loss = kdsvd_loss(s["feats"][1:], t["feats"][1:], p.k, p.channel_svd, p.svd_grad)
         terms["kdsvd"] = loss
         return p.feat_weight * loss
