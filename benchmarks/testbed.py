@@ -33,14 +33,15 @@ and reported as such; a run that fails while training is recorded as failed and 
 next invocation. Everything is described in ``OUT/study.json``, which ``topkd report OUT``
 renders (tables, paired differences, the K-ablation plot) from the run directories.
 
-Records outlive the machine: ``--archive FILE`` packs ``study.json`` and every run's config,
-env, summary and metrics (no weights, caches or TensorBoard files; deterministic bytes) into a
-``.tar.xz``, and ``tar -xJf FILE -C OUT`` restores them where they were written (configs name
-their paths). ``topkd report OUT`` then renders from them alone, and a later invocation skips
-their runs: it retrains a teacher whose ``best.pt`` is missing, and its students stay finished
-when the retrained weights are the ones they recorded (``env.json``'s
-``teacher_weights_sha256``: the engine is deterministic on the CPU for one torch build and
-machine kind), else they are trained again. The project keeps its records in
+Records outlive the machine: ``--archive FILE`` packs ``study.json``, the config, env, summary
+and metrics of every finished run, and the teachers' ``best.pt`` (no other weights, caches or
+TensorBoard files; deterministic bytes) into a ``.tar.xz``, and ``tar -xJf FILE -C OUT``
+restores them where they were written (configs name their paths). ``topkd report OUT`` then
+renders from them alone, and a later invocation skips their runs. A teacher whose ``best.pt``
+is missing is retrained; its students stay finished when the retrained weights are the ones
+they recorded (``env.json``'s ``teacher_weights_sha256``), else they are trained again -- and
+a retraining is bit-identical only on the same torch build and CPU kind, which is why the
+archive carries the teachers. The project keeps its records in
 ``docs/results/records.tar.xz``.
 
 The solver is the dataset recipe's for every method (``configs/base/<dataset>.yaml``: SGD 0.05,
