@@ -120,10 +120,16 @@ SECTIONS = ("data", "optim", "sched", "train")
 
 
 def _pair_overrides(method: str, dataset: str = "cifar100") -> dict[str, dict[str, object]]:
+    """A variant without its own table (``kdsvd_safe``) inherits that of the method file its
+    ``defaults`` names (``kdsvd``): the same pairs are unsupported."""
     import yaml
 
     p = CONFIG_DIR / PAIR_OVERRIDES_DIR / dataset / f"{method}.yaml"
-    return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
+    if p.is_file():
+        return yaml.safe_load(p.read_text()) or {}
+    src = CONFIG_DIR / "methods" / f"{method}.yaml"
+    parents = (yaml.safe_load(src.read_text()) or {}).get("defaults", []) if src.is_file() else []
+    return _pair_overrides(Path(parents[0]).stem, dataset) if len(parents) == 1 else {}
 DKD_METHODS = frozenset({"dkd", "dkd_ls", "dkd_tsm_tdl"})
 
 IMAGENET_PAIRS: tuple[Pair, ...] = (

@@ -115,6 +115,17 @@ def test_cifar_grid_is_complete():
         assert compose(p)["name"] == f"cifar100_{p.parent.name}_{p.stem}"
 
 
+def test_a_variant_inherits_the_unsupported_pairs_of_its_method_file():
+    """kdsvd_safe (defaults: [kdsvd.yaml]) has no table of its own: KDSVD's width rule is its
+    rule too, so it ships for exactly KDSVD's pairs."""
+    assert not (CONFIGS / "pair_overrides" / "cifar100" / "kdsvd_safe.yaml").exists()
+    assert GEN._pair_overrides("kdsvd_safe") == GEN._pair_overrides("kdsvd") != {}
+    assert GEN._pair_overrides("kd_ls") == {}  # KD has no table: nothing to inherit
+    kdsvd = {p.parent.name for p in GRID if p.stem == "kdsvd"}
+    assert {p.parent.name for p in GRID if p.stem == "kdsvd_safe"} == kdsvd
+    assert len(kdsvd) == 6
+
+
 def test_leaf_names_are_unique():
     names = [compose(p)["name"] for p in LEAVES]
     assert len(names) == len(set(names))
