@@ -536,8 +536,9 @@ class Trainer:
             f"{' '.join(str(exc).split())[:200]}) because an earlier step wrote non-finite "
             f"weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) with a finite "
             "loss: a gradient was non-finite (e.g. kdsvd's SVD gradient at repeated singular "
-            f"values). Last checkpoint: {self.ckpt_dir / 'last.pt'} (non-finite too if it was "
-            "saved after that step).") from exc
+            "values, which method.svd_grad=safe avoids). Last checkpoint: "
+            f"{self.ckpt_dir / 'last.pt'} (non-finite too if it was saved after that "
+            "step).") from exc
 
     def _sync_buffers(self) -> None:
         """Rank 0's BN statistics everywhere, so every shard is evaluated with one model."""
