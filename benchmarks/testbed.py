@@ -33,16 +33,16 @@ and reported as such; a run that fails while training is recorded as failed and 
 next invocation. Everything is described in ``OUT/study.json``, which ``topkd report OUT``
 renders (tables, paired differences, the K-ablation plot) from the run directories.
 
-Records outlive the machine: ``--archive FILE`` packs ``study.json``, the config, env, summary
-and metrics of every finished run, and the teachers' ``best.pt`` (no other weights, caches or
-TensorBoard files; deterministic bytes) into a ``.tar.xz``, and ``tar -xJf FILE -C OUT``
-restores them where they were written (configs name their paths). ``topkd report OUT`` then
-renders from them alone, and a later invocation skips their runs. A teacher whose ``best.pt``
-is missing is retrained; its students stay finished when the retrained weights are the ones
-they recorded (``env.json``'s ``teacher_weights_sha256``), else they are trained again -- and
-a retraining is bit-identical only on the same torch build and CPU kind, which is why the
-archive carries the teachers. The project keeps its records in
-``docs/results/records.tar.xz``.
+Records outlive the machine: ``--archive FILE.tar.xz`` packs ``study.json`` and the config,
+env, summary and metrics of every finished run into it, and the teachers' ``best.pt`` into
+``FILE.weights.tar`` (no other weights, caches or TensorBoard files; deterministic bytes);
+``tar -xJf FILE.tar.xz -C OUT && tar -xf FILE.weights.tar -C OUT`` restores them where they
+were written (configs name their paths). ``topkd report OUT`` then renders from them alone,
+and a later invocation skips their runs. A teacher whose ``best.pt`` is missing is retrained;
+its students stay finished when the retrained weights are the ones they recorded
+(``env.json``'s ``teacher_weights_sha256``), else they are trained again -- and a retraining is
+bit-identical only on the same torch build and CPU kind, which is why the teachers are kept.
+The project keeps its records in ``docs/results/records.tar.xz`` (+ ``records.weights.tar``).
 
 The solver is the dataset recipe's for every method (``configs/base/<dataset>.yaml``: SGD 0.05,
 cosine, batch 128); method files keep only their ``method:`` section and the optimizer's name
@@ -353,25 +353,49 @@ def _teacher_weights(out: Path, runs: Sequence[Path]) -> set[Path]:
     return found
 
 
-def archive_records(out: Path, dest: Path) -> int:
-    """Write the records of ``out`` into ``dest`` (``.tar.xz``) and return the number of runs.
+def weights_archive(dest: Path) -> Path:
+    """Where ``--archive DEST`` (``*.tar.xz``) puts the teachers' weights: ``*.weights.tar``."""
+    if not dest.name.endswith(".tar.xz"):
+        raise SystemExit(f"--archive: {dest} must end in .tar.xz")
+    return dest.with_name(dest.name[:-len(".tar.xz")] + ".weights.tar")
 
-    The records are ``study.json``; of every run it lists as finished (``"status": "ok"``; runs
-    moved aside, pending or failed are left out), its :data:`RECORD_FILES`; and the teacher
-    weights (``best.pt``) that the archived students name in ``teacher.checkpoint``: a few MB
-    that spare the next machine the teacher's retraining, which is not bit-identical across
-    CPUs and would otherwise make every archived student stale. No other weights, no
-    teacher-logit caches or TensorBoard files. The archive is deterministic (sorted names, zero
-    times and owners), so the same records give the same bytes. ``tar -xJf dest -C out``
-    restores them: ``topkd report out`` then renders every table, and the testbed skips those
-    runs while their configs and teacher weights match (it retrains a teacher whose
-    ``best.pt`` is missing; its students stay finished if the retrained weights have the
-    SHA-256 they recorded, and are trained again if not).
-    """
+
+def _write_tar(files: Sequence[Path], root: Path, dest: Path, mode: str) -> None:
+    """A deterministic tar of ``files`` named relative to ``root`` (zero times, one mode)."""
     import io
     import os
     import tarfile
 
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with tarfile.open(tmp, mode, format=tarfile.PAX_FORMAT) as tar:
+        for f in files:
+            data = f.read_bytes()
+            info = tarfile.TarInfo(f.relative_to(root).as_posix())
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, dest)
+
+
+def archive_records(out: Path, dest: Path) -> int:
+    """Write the records of ``out`` into ``dest`` (``.tar.xz``), the teachers' weights into
+    :func:`weights_archive` ``(dest)``, and return the number of runs.
+
+    The records are ``study.json`` and, of every run it lists as finished (``"status": "ok"``;
+    runs moved aside, pending or failed are left out), its :data:`RECORD_FILES`. The weights
+    are the teacher checkpoints (``best.pt``) that those students name in
+    ``teacher.checkpoint``: a few MB that spare the next machine the teacher's retraining,
+    which is not bit-identical across CPUs and would make every archived student stale. They
+    go in a tar of their own because they rarely change while the records grow every session:
+    the same weights give the same bytes, stored once by git. No other weights, no
+    teacher-logit caches or TensorBoard files. Both archives are deterministic (sorted names,
+    zero times and owners). ``tar -xJf dest -C out`` and ``tar -xf <weights> -C out`` restore
+    them: ``topkd report out`` then renders every table, and the testbed skips those runs
+    while their configs and teacher weights match (it retrains a teacher whose ``best.pt`` is
+    missing; its students stay finished if the retrained weights have the SHA-256 they
+    recorded, and are trained again if not).
+    """
+    weights_dest = weights_archive(dest)
     if not (out / "study.json").is_file():
         raise SystemExit(f"--archive: {out} holds no study.json (nothing the testbed wrote)")
     manifest = json.loads((out / "study.json").read_text())
@@ -379,16 +403,10 @@ def archive_records(out: Path, dest: Path) -> int:
                    if (out / d / "config.yaml").is_file()})
     files = [out / "study.json"] + [r / n for r in runs for n in RECORD_FILES
                                     if (r / n).is_file()]
-    files += sorted(_teacher_weights(out, runs))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with tarfile.open(tmp, "w:xz", format=tarfile.PAX_FORMAT) as tar:
-        for f in files:
-            data = f.read_bytes()
-            info = tarfile.TarInfo(f.relative_to(out).as_posix())
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, dest)
+    _write_tar(files, out, dest, "w:xz")
+    weights = sorted(_teacher_weights(out, runs))
+    if weights:
+        _write_tar(weights, out, weights_dest, "w")
     return len(runs)
 
 
@@ -1045,7 +1063,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.archive:
         n = archive_records(Path(args.out), Path(args.archive))
-        print(f"wrote {args.archive}: the records of {n} runs of {args.out}")
+        print(f"wrote {args.archive}: the records of {n} runs of {args.out}; "
+              f"{weights_archive(Path(args.archive))}: the teachers' weights")
         return 0
     import torch
 

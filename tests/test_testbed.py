@@ -251,17 +251,19 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     import tarfile
 
     arch = tmp_path / "records.tar.xz"
+    warch = tmp_path / "records.weights.tar"
+    assert tb.weights_archive(arch) == warch
     assert tb.main(["--out", str(out), "--archive", str(arch)]) == 0
-    data = arch.read_bytes()
+    data = arch.read_bytes(), warch.read_bytes()
     assert tb.main(["--out", str(out), "--archive", str(arch)]) == 0
-    assert arch.read_bytes() == data
+    assert (arch.read_bytes(), warch.read_bytes()) == data
     shutil.move(out, tmp_path / "original")
-    with tarfile.open(arch) as tar:
-        names = tar.getnames()
+    with tarfile.open(arch) as tar, tarfile.open(warch) as wtar:
+        names, weights = tar.getnames(), wtar.getnames()
         tar.extractall(out, filter="data")
-    weights = [n for n in names if n.endswith(".pt")]
+        wtar.extractall(out, filter="data")
     assert "study.json" in names and all(n.rsplit("/", 1)[-1] in (
-        "study.json", "best.pt", *tb.RECORD_FILES) for n in names)
+        "study.json", *tb.RECORD_FILES) for n in names)
     assert sorted(weights) == sorted(f"{d}/checkpoints/best.pt" for d in (
         ds["teacher"]["dir"], "legacy/teacher")), weights  # the study's and the legacy teacher
     assert f"{ds['methods']['kd']['final'][0]['dir']}/summary.json" in names
@@ -526,9 +528,12 @@ def test_the_archive_holds_finished_runs_and_the_weights_they_name(tb, tmp_path,
     assert tb.archive_records(out, tmp_path / "a.tar.xz") == 3
     with tarfile.open(tmp_path / "a.tar.xz") as tar:
         names = set(tar.getnames())
-    assert names == {"study.json", "teachers/t/checkpoints/best.pt"} | {
-        f"{d}/{n}" for d in ("teachers/t", "s/ok", "s/outside")
-        for n in ("config.yaml", "summary.json")}
+    assert names == {"study.json"} | {f"{d}/{n}" for d in ("teachers/t", "s/ok", "s/outside")
+                                      for n in ("config.yaml", "summary.json")}
+    with tarfile.open(tmp_path / "a.weights.tar") as tar:
+        assert tar.getnames() == ["teachers/t/checkpoints/best.pt"]
+    with pytest.raises(SystemExit, match="must end in .tar.xz"):
+        tb.archive_records(out, tmp_path / "a.zip")
 
 
 RECORDS = ROOT / "docs" / "results" / "records.tar.xz"
