@@ -537,18 +537,23 @@ def test_the_archive_holds_finished_runs_and_the_weights_they_name(tb, tmp_path,
 
 
 RECORDS = ROOT / "docs" / "results" / "records.tar.xz"
+WEIGHTS = ROOT / "docs" / "results" / "records.weights.tar"
 
 
 def test_the_committed_records_are_whole_and_render(tmp_path):
     """docs/results/records.tar.xz (``--archive``): every run study.json lists as finished has
-    its record, each dataset's students distilled from one teacher (the weights' SHA-256 in
-    their env.json), and ``topkd report`` renders them."""
+    its record, each dataset's students distilled from one teacher whose weights are in
+    records.weights.tar (the SHA-256 in their env.json is that of the archived ``best.pt``:
+    restored, the testbed trains none of them again), and ``topkd report`` renders them."""
     import tarfile
 
     from topkd import study
+    from topkd.checkpoints import load_teacher, state_dict_sha256
+    from topkd.data import dataset_info
 
-    with tarfile.open(RECORDS) as tar:
-        tar.extractall(tmp_path, filter="data")
+    for arch in (RECORDS, WEIGHTS):
+        with tarfile.open(arch) as tar:
+            tar.extractall(tmp_path, filter="data")
     manifest = json.loads((tmp_path / "study.json").read_text())
     for key, ds in manifest["datasets"].items():
         recs = [r for m in ds["methods"].values()
@@ -558,13 +563,18 @@ def test_the_committed_records_are_whole_and_render(tmp_path):
                  for r in p.get("runs", [])]
         done = [tmp_path / r["dir"] for r in recs if r.get("status") == "ok"]
         assert done, key
-        teachers = set()
+        teachers, shas = set(), set()
         for d in done:
             assert all((d / n).is_file() for n in ("summary.json", "config.yaml", "env.json",
                                                    "metrics.csv")), d
             env = json.loads((d / "env.json").read_text())
             if env.get("mode") == "distill":
-                teachers.add(env.get("teacher_weights_sha256"))
-        assert len(teachers) == 1 and None not in teachers, (key, teachers)
+                shas.add(env.get("teacher_weights_sha256"))
+                teachers.add(yaml.safe_load((d / "config.yaml").read_text())["teacher"]["name"])
+        assert len(shas) == 1 and None not in shas and len(teachers) == 1, (key, shas, teachers)
+        ckpt = tmp_path / ds["teacher"]["dir"] / "checkpoints" / "best.pt"
+        teacher = load_teacher(teachers.pop(), dataset_info(key).num_classes, ckpt,
+                               verbose=False)
+        assert {state_dict_sha256(teacher.state_dict())} == shas, key
     text = study.render(tmp_path, md_dir=tmp_path, plots=tmp_path / "plots")
     assert "test top-1 @ best val" in text
