@@ -1052,9 +1052,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs-out", default=str(CONFIGS / "pair_overrides"),
                    help="where --write-configs writes (default configs/pair_overrides)")
     p.add_argument("--archive", metavar="FILE", default=None,
-                   help="write OUT's records (study.json; every run's config, env, summary and "
-                        "metrics: no weights or caches) into FILE (.tar.xz) and exit; restore "
-                        "with tar -xJf FILE -C OUT")
+                   help="write OUT's records (study.json; every finished run's config, env, "
+                        "summary and metrics) into FILE (.tar.xz) and the teachers' best.pt into "
+                        "FILE's .weights.tar, and exit; restore with tar -xJf FILE -C OUT and "
+                        "tar -xf <weights> -C OUT")
     args = p.parse_args(argv)
     args.argv = argv
     if args.list:
