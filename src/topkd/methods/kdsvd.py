@@ -45,17 +45,13 @@ class _SafeSVD(torch.autograd.Function):
         return s, v
 
     @staticmethod
-    def backward(ctx: Any, gs: Tensor | None, gv: Tensor | None) -> Tensor:
+    def backward(ctx: Any, gs: Tensor, gv: Tensor) -> Tensor:
+        # autograd materialises an unused output's gradient as zeros: both are tensors
         u, s, v = ctx.saved_tensors
-        inner = torch.zeros(s.shape + s.shape[-1:], dtype=s.dtype, device=s.device)
-        if gs is not None:
-            inner = torch.diag_embed(gs)
-        if gv is None:
-            return u @ inner @ v.mT
         s2 = s * s
         f = _finite(1.0 / (s2.unsqueeze(-2) - s2.unsqueeze(-1)))  # the diagonal (1/0) too
         vtg = v.mT @ gv
-        inner = inner + s.unsqueeze(-1) * (f * (vtg - vtg.mT))
+        inner = torch.diag_embed(gs) + s.unsqueeze(-1) * (f * (vtg - vtg.mT))
         out = u @ inner @ v.mT
         if v.shape[-2] > v.shape[-1]:  # wide A: V does not span R^N
             s_inv = _finite(1.0 / s)
