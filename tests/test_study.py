@@ -172,10 +172,14 @@ def test_entries_without_a_finished_run_are_listed_as_not_run(root, tmp_path):
     methods = m["datasets"]["toy"]["methods"]
     methods["vid"] = {"role": "baseline", "trials": []}  # listed, never run
     methods["sp"] = {"role": "baseline", "status": "pending", "reason": "not finished (...)",
+                     "trials": [{"status": "pending", "dir": f"toy/tune/sp/trial_{i}"}
+                                for i in range(2)],
                      "final": [{"status": "pending", "dir": "toy/final/sp/seed_0"}]}
     (root / "study.json").write_text(json.dumps(m))
     text = study.render(root, md_dir=tmp_path, plots=tmp_path)
     assert "* `vid` not run yet: no finished run in this study" in text
+    # its pending trials, which have no run directory yet, say nothing about its tuning
+    assert "None epochs" not in text and "`sp`" not in text.split("Commands")[0]
     assert "* `sp` not run yet: not finished (...)" in text
     assert "`fitnet` cannot run this pair: needs a hint layer" in text
     assert not any(ln.startswith("| ") and (" vid " in ln or " sp " in ln)

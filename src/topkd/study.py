@@ -206,6 +206,12 @@ def _setup(study: Study, dss: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _trials_run(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """An entry's trials but those not run yet (``pending`` in a ``--record`` study): they have
+    no run directory and say nothing about the tuning."""
+    return [t for t in rec.get("trials") or [] if t.get("status", "ok") != "pending"]
+
+
 def _tuning_text(study: Study, ds: dict[str, Any]) -> str:
     """What tuning each entry of a dataset had, read from its trials (their number and their
     run directories' epochs): entries tuned in different invocations may differ."""
@@ -213,7 +219,9 @@ def _tuning_text(study: Study, ds: dict[str, Any]) -> str:
     for k, rec in ds["methods"].items():
         if k == "ce" or rec.get("status", "ok") == "unsupported":
             continue
-        trials = rec.get("trials") or []
+        trials = _trials_run(rec)
+        if rec.get("trials") and not trials:
+            continue
         epochs = (study.config(trials[0]).get("train") or {}).get("epochs") if trials else None
         groups.setdefault((len(trials), epochs), []).append(k)
     texts = []
@@ -315,6 +323,8 @@ def _tuning_section(study: Study, key: str, ds: dict[str, Any]) -> list[str]:
         trials = rec.get("trials") or []
         chosen = study.chosen_trial(trials)
         for i, t in enumerate(trials):
+            if t.get("status", "ok") == "pending":  # not run yet: no row (keep trial numbers)
+                continue
             s = study.summary(t)
             val = "n/a" if s is None or s.get("best_val_acc1") is None \
                 else f"{s['best_val_acc1']:.2f}"
