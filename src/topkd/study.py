@@ -206,10 +206,10 @@ def _setup(study: Study, dss: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _trials_run(rec: dict[str, Any]) -> list[dict[str, Any]]:
-    """An entry's trials but those not run yet (``pending`` in a ``--record`` study): they have
-    no run directory and say nothing about the tuning."""
-    return [t for t in rec.get("trials") or [] if t.get("status", "ok") != "pending"]
+def _not_run(run: dict[str, Any]) -> bool:
+    """A run not run yet (``pending`` in a ``--record`` study): it has no run directory and says
+    nothing about the tuning."""
+    return run.get("status", "ok") == "pending"
 
 
 def _tuning_text(study: Study, ds: dict[str, Any]) -> str:
@@ -219,7 +219,7 @@ def _tuning_text(study: Study, ds: dict[str, Any]) -> str:
     for k, rec in ds["methods"].items():
         if k == "ce" or rec.get("status", "ok") == "unsupported":
             continue
-        trials = _trials_run(rec)
+        trials = [t for t in rec.get("trials") or [] if not _not_run(t)]
         if rec.get("trials") and not trials:
             continue
         epochs = (study.config(trials[0]).get("train") or {}).get("epochs") if trials else None
@@ -323,7 +323,7 @@ def _tuning_section(study: Study, key: str, ds: dict[str, Any]) -> list[str]:
         trials = rec.get("trials") or []
         chosen = study.chosen_trial(trials)
         for i, t in enumerate(trials):
-            if t.get("status", "ok") == "pending":  # not run yet: no row (keep trial numbers)
+            if _not_run(t):  # no row, the others keep their trial numbers
                 continue
             s = study.summary(t)
             val = "n/a" if s is None or s.get("best_val_acc1") is None \
