@@ -30,19 +30,22 @@ with its ``configs/methods/<name>.yaml`` (or its registry defaults), plus the va
 ``configs/methods/`` (``kd_ls``, ``kd_tsm_tdl``, ``dot``...). A method that cannot run a pair
 (the engine refuses the config or the method refuses the models) is recorded with the reason
 and reported as such; a run that fails while training is recorded as failed and retried on the
-next invocation. Everything is described in ``OUT/study.json``, which ``topkd report OUT``
-renders (tables, paired differences, the K-ablation plot) from the run directories.
+next invocation. Both leave ``outcome.json`` (status, reason, config) in the run directory, so
+that ``--record`` reports them as they ended, not as not run yet. Everything is described in
+``OUT/study.json``, which ``topkd report OUT`` renders (tables, paired differences, the
+K-ablation plot) from the run directories.
 
-Records outlive the machine: ``--archive FILE.tar.xz`` packs ``study.json`` and the config,
-env, summary and metrics of every finished run into it, and the teachers' ``best.pt`` into
-``FILE.weights.tar`` (no other weights, caches or TensorBoard files; deterministic bytes);
-``tar -xJf FILE.tar.xz -C OUT && tar -xf FILE.weights.tar -C OUT`` restores them where they
-were written (configs name their paths). ``topkd report OUT`` then renders from them alone,
-and a later invocation skips their runs. A teacher whose ``best.pt`` is missing is retrained;
-its students stay finished when the retrained weights are the ones they recorded
-(``env.json``'s ``teacher_weights_sha256``), else they are trained again -- and a retraining is
-bit-identical only on the same torch build and CPU kind, which is why the teachers are kept.
-The project keeps its records in ``docs/results/records.tar.xz`` (+ ``records.weights.tar``).
+Records outlive the machine: ``--archive FILE.tar.xz`` packs ``study.json``, the config, env,
+summary and metrics of every finished run and the ``outcome.json`` of every failed or refused one
+into it, and the teachers' ``best.pt`` into ``FILE.weights.tar`` (no other weights, caches or
+TensorBoard files; deterministic bytes); ``tar -xJf FILE.tar.xz -C OUT && tar -xf FILE.weights.tar
+-C OUT`` restores them where they were written (configs name their paths). ``topkd report OUT``
+then renders from them alone, and a later invocation skips their runs. A teacher whose ``best.pt``
+is missing is retrained; its students stay finished when the retrained weights are the ones they
+recorded (``env.json``'s ``teacher_weights_sha256``), else they are trained again -- and a
+retraining is bit-identical only on the same torch build and CPU kind, which is why the teachers
+are kept. The project keeps its records in ``docs/results/records.tar.xz`` (+
+``records.weights.tar``).
 
 The solver is the dataset recipe's for every method (``configs/base/<dataset>.yaml``: SGD 0.05,
 cosine, batch 128); method files keep only their ``method:`` section and the optimizer's name
@@ -328,16 +331,30 @@ def _aside(run_dir: Path) -> Path:
 
 #: What a run directory's record is: what ``topkd report`` and a resumed testbed read.
 RECORD_FILES = ("config.yaml", "env.json", "summary.json", "metrics.csv")
+#: A failed or refused run's record: how it ended and for which config (``--record`` reads it).
+OUTCOME = "outcome.json"
 
 
-def _finished_dirs(node: Any) -> list[str]:
-    """The ``dir`` of every record in (a part of) ``study.json`` whose status is ``ok``."""
+def _dirs(node: Any, statuses: tuple[str, ...] = ("ok",)) -> list[str]:
+    """The ``dir`` of every run record in (a part of) ``study.json`` with one of ``statuses``."""
     if isinstance(node, list):
-        return [d for x in node for d in _finished_dirs(x)]
+        return [d for x in node for d in _dirs(x, statuses)]
     if not isinstance(node, dict):
         return []
-    own = [node["dir"]] if node.get("status") == "ok" and isinstance(node.get("dir"), str) else []
-    return own + [d for v in node.values() for d in _finished_dirs(v)]
+    own = [node["dir"]] if node.get("status") in statuses and isinstance(node.get("dir"), str) \
+        else []
+    return own + [d for v in node.values() for d in _dirs(v, statuses)]
+
+
+def _ended(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
+    """The ``outcome.json`` of a run of this config (and teacher) that failed or was refused."""
+    p = run_dir / OUTCOME
+    if not p.is_file():
+        return None
+    rec = json.loads(p.read_text())
+    if not _same(rec.get("config"), cfg.to_dict()) or teacher_changed(run_dir, cfg):
+        return None
+    return {"status": rec["status"], "reason": rec["reason"]}
 
 
 def _teacher_weights(out: Path, runs: Sequence[Path]) -> set[Path]:
@@ -381,8 +398,9 @@ def archive_records(out: Path, dest: Path) -> int:
     """Write the records of ``out`` into ``dest`` (``.tar.xz``), the teachers' weights into
     :func:`weights_archive` ``(dest)``, and return the number of runs.
 
-    The records are ``study.json`` and, of every run it lists as finished (``"status": "ok"``;
-    runs moved aside, pending or failed are left out), its :data:`RECORD_FILES`. The weights
+    The records are ``study.json``, of every run it lists as finished (``"status": "ok"``) its
+    :data:`RECORD_FILES`, and of every run it lists as failed or unsupported its :data:`OUTCOME`
+    (runs moved aside or pending are left out). The weights
     are the teacher checkpoints (``best.pt``) that those students name in
     ``teacher.checkpoint``: a few MB that spare the next machine the teacher's retraining,
     which is not bit-identical across CPUs and would make every archived student stale. They
@@ -399,10 +417,11 @@ def archive_records(out: Path, dest: Path) -> int:
     if not (out / "study.json").is_file():
         raise SystemExit(f"--archive: {out} holds no study.json (nothing the testbed wrote)")
     manifest = json.loads((out / "study.json").read_text())
-    runs = sorted({out / d for d in _finished_dirs(manifest)
-                   if (out / d / "config.yaml").is_file()})
+    runs = sorted({out / d for d in _dirs(manifest) if (out / d / "config.yaml").is_file()})
+    ended = sorted({out / d / OUTCOME for d in _dirs(manifest, ("failed", "unsupported"))
+                    if (out / d / OUTCOME).is_file()})
     files = [out / "study.json"] + [r / n for r in runs for n in RECORD_FILES
-                                    if (r / n).is_file()]
+                                    if (r / n).is_file()] + ended
     _write_tar(files, out, dest, "w:xz")
     weights = sorted(_teacher_weights(out, runs))
     if weights:
@@ -432,13 +451,18 @@ class Runner:
         if finished(run_dir, cfg) and not no_weights:
             self.n_skipped += 1
             return {"status": "ok", "dir": rel}
+        ended = _ended(run_dir, cfg)  # how an earlier run of it failed or was refused
         if self.record:  # --record: read what is there, train nothing
+            if ended is not None:
+                return {**ended, "dir": rel}
             return {"status": "pending", "dir": rel,
                     "reason": "not finished (the same command without --record trains or "
                               "resumes it)"}
         resume = "auto" if (run_dir / "checkpoints" / "last.pt").is_file() and \
             _current(run_dir, cfg) else None
-        if resume is None and run_dir.exists():
+        refused = ended is not None and ended["status"] == "unsupported"
+        if resume is None and run_dir.exists() and not refused:
+            # (a refused run's directory holds nothing but its outcome: asked again in place)
             # another config's run (a changed default, an edited recipe) or another teacher's:
             # moved aside, never deleted -- it may be a teacher that took an hour, or results a
             # report cites
@@ -446,6 +470,8 @@ class Runner:
                 why = "config changed"
             elif teacher_changed(run_dir, cfg):
                 why = "the teacher changed"
+            elif ended is not None:
+                why = "an earlier run failed"
             else:
                 why = "its weights are missing (records without checkpoints, e.g. restored " \
                       "from an archive)"
@@ -458,22 +484,33 @@ class Runner:
             # the engine or the method refuses this pair: reported, not an error of the run
             reason = " ".join(str(e).split())
             self.log(f"[testbed] {rel}: cannot run: {reason}")
-            return {"status": "unsupported", "dir": rel, "reason": reason}
+            return self._ended(cfg, run_dir, "unsupported", reason)
         t0 = time.perf_counter()
         try:
             summary = trainer.fit() or {}
         except NonFiniteLossError as e:
             self.log(f"[testbed] {rel}: FAILED (diverged): {e}")
-            return {"status": "failed", "dir": rel, "reason": f"diverged: {e}"}
+            return self._ended(cfg, run_dir, "failed", f"diverged: {e}")
         except Exception as e:  # noqa: BLE001 - recorded, reported, retried on the next call
             self.log(f"[testbed] {rel}: FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
-            return {"status": "failed", "dir": rel, "reason": f"{type(e).__name__}: {e}"}
+            return self._ended(cfg, run_dir, "failed", f"{type(e).__name__}: {e}")
+        (run_dir / OUTCOME).unlink(missing_ok=True)  # an earlier failure of it, now stale
         self.n_run += 1
         acc = summary.get("test_acc1_at_best_val")
         self.log(f"[testbed] {rel}: val {summary.get('best_val_acc1')} test@best-val {acc} "
                  f"({time.perf_counter() - t0:.0f} s)")
         return {"status": "ok", "dir": rel}
+
+
+    def _ended(self, cfg: Any, run_dir: Path, status: str, reason: str) -> dict[str, Any]:
+        """Write the run's :data:`OUTCOME` and return its record."""
+        from topkd.utils.io import atomic_write_text
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / OUTCOME, json.dumps(
+            {"status": status, "reason": reason, "config": cfg.to_dict()}, indent=1) + "\n")
+        return {"status": status, "dir": str(run_dir.relative_to(self.out)), "reason": reason}
 
 
 def read_summary(out: Path, rec: dict[str, Any]) -> dict[str, Any] | None:

@@ -189,6 +189,8 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
         first = capsys.readouterr().out
         assert tb.main(argv) == 0  # resumable: everything is finished, nothing runs again
         again = capsys.readouterr().out
+        # --record reads the same: the refused entry stays refused, not "not run yet"
+        assert tb.main([*argv, "--record"]) == 0
     finally:
         torch.set_num_threads(threads)
     assert "0 runs trained" in again and "0 runs trained" not in first
@@ -196,6 +198,9 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
     ds = study["datasets"]["fashion_mnist_pairs"]
     assert ds["methods"]["test_refuses"]["status"] == "unsupported"
     assert "widget" in ds["methods"]["test_refuses"]["reason"]
+    refused = out / ds["methods"]["test_refuses"]["trials"][0]["dir"]
+    assert json.loads((refused / "outcome.json").read_text())["status"] == "unsupported"
+    assert not list(refused.parent.glob("*.stale-*"))  # asked again in place, not moved aside
     for key in ("ce", "kd", "topkd"):
         rec = ds["methods"][key]
         assert rec["status"] == "ok" and len(rec["final"]) == 2
@@ -263,7 +268,8 @@ def test_quick_run_every_phase_resume_and_report(tb, fake_fmnist, tmp_path, monk
         tar.extractall(out, filter="data")
         wtar.extractall(out, filter="data")
     assert "study.json" in names and all(n.rsplit("/", 1)[-1] in (
-        "study.json", *tb.RECORD_FILES) for n in names)
+        "study.json", *tb.RECORD_FILES, tb.OUTCOME) for n in names)
+    assert f"{refused.relative_to(out)}/outcome.json" in names
     assert sorted(weights) == sorted(f"{d}/checkpoints/best.pt" for d in (
         ds["teacher"]["dir"], "legacy/teacher")), weights  # the study's and the legacy teacher
     assert f"{ds['methods']['kd']['final'][0]['dir']}/summary.json" in names
@@ -428,6 +434,53 @@ def test_record_mode_trains_nothing_and_marks_unfinished_runs_pending(tb, tmp_pa
     assert entry == {"status": "ok"}
 
 
+def test_record_mode_reports_failed_and_refused_runs_as_they_ended(tb, tmp_path, monkeypatch):
+    """A run that failed or was refused leaves outcome.json: ``--record`` reports it so (not as
+    "not run yet") while the config is the same; a success or another config ends that."""
+    import topkd.engine
+    from topkd.config import Config
+
+    cfg = Config.from_dict({"method": {"name": "kd"}, "data": {"name": "fashion_mnist"},
+                            "teacher": {"name": "fmnist_cnn_teacher"}})
+    run_dir = tmp_path / "final" / "kd" / "seed_0"
+
+    class Fails:
+        def __init__(self, cfg, mode, run_dir, **kw):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+
+        def fit(self):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(topkd.engine, "Trainer", Fails)
+    rec = tb.Runner(tmp_path, log=lambda m: None).run(cfg, "distill", run_dir)
+    assert rec == {"status": "failed", "dir": "final/kd/seed_0", "reason": "RuntimeError: boom"}
+    assert tb.Runner(tmp_path, record=True).run(cfg, "distill", run_dir) == rec
+    other = Config.from_dict({**cfg.to_dict(), "seed": 1})
+    assert tb.Runner(tmp_path, record=True).run(other, "distill", run_dir)["status"] == "pending"
+
+    class Works(Fails):
+        def fit(self):
+            return {}
+
+    logs: list[str] = []
+    monkeypatch.setattr(topkd.engine, "Trainer", Works)
+    assert tb.Runner(tmp_path, log=logs.append).run(cfg, "distill", run_dir)["status"] == "ok"
+    assert any("an earlier run failed" in m for m in logs), logs  # the failed one moved aside
+    assert (run_dir.parent / "seed_0.stale-1" / "outcome.json").is_file()
+    assert not (run_dir / "outcome.json").exists()
+
+    # refused (the engine refuses distill without a teacher term): asked again in place
+    ce = Config.from_dict({"method": {"name": "ce"}, "data": {"name": "fashion_mnist"}})
+    monkeypatch.undo()
+    refused_dir = tmp_path / "tune" / "ce" / "trial_0"
+    first = tb.Runner(tmp_path, log=lambda m: None).run(ce, "distill", refused_dir)
+    assert first["status"] == "unsupported"
+    assert tb.Runner(tmp_path, record=True).run(ce, "distill", refused_dir) == first
+    assert tb.Runner(tmp_path, log=lambda m: None).run(ce, "distill", refused_dir) == first
+    assert [p.name for p in refused_dir.parent.iterdir()] == ["trial_0"]
+
+
 def _args(tb, out, datasets):
     import argparse
 
@@ -503,13 +556,13 @@ def test_a_teacher_retrained_in_place_makes_its_students_stale(tb, tmp_path):
 
 def test_the_archive_holds_finished_runs_and_the_weights_they_name(tb, tmp_path, monkeypatch):
     """Runs that study.json does not list as finished (pending after their teacher changed,
-    failed, moved aside) stay out; the teacher checkpoint a finished student names goes in,
-    one outside the study's folder does not."""
+    moved aside) stay out, a failed one keeps only its outcome.json; the teacher checkpoint a
+    finished student names goes in, one outside the study's folder does not."""
     import tarfile
 
     monkeypatch.chdir(tmp_path)
     out = Path("runs")
-    for d in ("teachers/t", "s/ok", "s/pending", "s/ok.stale-1", "s/outside"):
+    for d in ("teachers/t", "s/ok", "s/pending", "s/ok.stale-1", "s/outside", "s/failed"):
         (out / d).mkdir(parents=True)
         (out / d / "summary.json").write_text("{}")
         (out / d / "config.yaml").write_text("{}\n")
@@ -520,16 +573,19 @@ def test_the_archive_holds_finished_runs_and_the_weights_they_name(tb, tmp_path,
     (out / "s/ok/config.yaml").write_text(
         "teacher: {checkpoint: runs/teachers/t/checkpoints/best.pt}\n")
     (out / "s/outside/config.yaml").write_text("teacher: {checkpoint: elsewhere.pt}\n")
+    (out / "s/failed/outcome.json").write_text("{}")
     (out / "study.json").write_text(json.dumps({"datasets": {"d": {
         "teacher": {"status": "ok", "dir": "teachers/t"},
         "methods": {"m": {"status": "ok", "final": [
             {"status": "ok", "dir": "s/ok"}, {"status": "pending", "dir": "s/pending"},
-            {"status": "ok", "dir": "s/outside"}]}}}}}))
+            {"status": "ok", "dir": "s/outside"},
+            {"status": "failed", "dir": "s/failed", "reason": "r"}]}}}}}))
     assert tb.archive_records(out, tmp_path / "a.tar.xz") == 3
     with tarfile.open(tmp_path / "a.tar.xz") as tar:
         names = set(tar.getnames())
-    assert names == {"study.json"} | {f"{d}/{n}" for d in ("teachers/t", "s/ok", "s/outside")
-                                      for n in ("config.yaml", "summary.json")}
+    assert names == {"study.json", "s/failed/outcome.json"} | {
+        f"{d}/{n}" for d in ("teachers/t", "s/ok", "s/outside")
+        for n in ("config.yaml", "summary.json")}
     with tarfile.open(tmp_path / "a.weights.tar") as tar:
         assert tar.getnames() == ["teachers/t/checkpoints/best.pt"]
     with pytest.raises(SystemExit, match="must end in .tar.xz"):
