@@ -41,6 +41,17 @@ def test_help_of_every_command(capsys, cmd, expect):
         assert s in out, s
 
 
+def test_the_usage_summary_shows_every_command(capsys):
+    """``topkd --help``'s synopsis has a line for each subcommand, not only the first four."""
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    synopsis = out.split("positional arguments")[0]
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    for name in sub.choices:
+        assert f"    topkd {name} " in synopsis, name
+
+
 @pytest.mark.parametrize("cmd", [[], ["train"], ["distill"], ["eval"], ["transfer"],
                                  ["report"], ["demo"], ["methods"]])
 def test_help_is_plain_text(capsys, cmd):

@@ -25,6 +25,9 @@ topkd: knowledge distillation (TopKD, KD, DKD, LS, ...) from YAML configs.
     topkd distill CONFIG [key.sub=value ...] [--resume [PATH|auto]] [--seeds 0,1,2]
     topkd eval    CHECKPOINT [--config CFG | --model NAME --dataset NAME] [--json]
     topkd methods [NAME]                     # distillation methods and their parameters
+    topkd transfer --model NAME [--checkpoint PATH] [--dataset NAME]  # linear probe
+    topkd report  RUN_DIR ... [--output FILE] [--template FILE] [--plots DIR]
+    topkd demo    [--epochs N] [--methods M1,M2,...]   # teacher + students, Fashion-MNIST
     torchrun --nproc_per_node=N -m topkd distill CONFIG ...        # DDP
 
 Configuration and validation errors print one line and exit with status 2
