@@ -400,7 +400,7 @@ def archive_records(out: Path, dest: Path) -> int:
 
     The records are ``study.json``, of every run it lists as finished (``"status": "ok"``) its
     :data:`RECORD_FILES`, and of every run it lists as failed or unsupported its :data:`OUTCOME`
-    (runs moved aside or pending are left out). The weights
+    and whichever of those it wrote (runs moved aside or pending are left out). The weights
     are the teacher checkpoints (``best.pt``) that those students name in
     ``teacher.checkpoint``: a few MB that spare the next machine the teacher's retraining,
     which is not bit-identical across CPUs and would make every archived student stale. They
@@ -418,10 +418,11 @@ def archive_records(out: Path, dest: Path) -> int:
         raise SystemExit(f"--archive: {out} holds no study.json (nothing the testbed wrote)")
     manifest = json.loads((out / "study.json").read_text())
     runs = sorted({out / d for d in _dirs(manifest) if (out / d / "config.yaml").is_file()})
-    ended = sorted({out / d / OUTCOME for d in _dirs(manifest, ("failed", "unsupported"))
+    ended = sorted({out / d for d in _dirs(manifest, ("failed", "unsupported"))
                     if (out / d / OUTCOME).is_file()})
     files = [out / "study.json"] + [r / n for r in runs for n in RECORD_FILES
-                                    if (r / n).is_file()] + ended
+                                    if (r / n).is_file()] + \
+        [r / n for r in ended for n in (*RECORD_FILES, OUTCOME) if (r / n).is_file()]
     _write_tar(files, out, dest, "w:xz")
     weights = sorted(_teacher_weights(out, runs))
     if weights:
@@ -460,9 +461,10 @@ class Runner:
                               "resumes it)"}
         resume = "auto" if (run_dir / "checkpoints" / "last.pt").is_file() and \
             _current(run_dir, cfg) else None
-        refused = ended is not None and ended["status"] == "unsupported"
+        # a refused run's directory holds nothing but its outcome: asked again in place
+        refused = ended is not None and ended["status"] == "unsupported" and \
+            not (run_dir / "config.yaml").exists()
         if resume is None and run_dir.exists() and not refused:
-            # (a refused run's directory holds nothing but its outcome: asked again in place)
             # another config's run (a changed default, an edited recipe) or another teacher's:
             # moved aside, never deleted -- it may be a teacher that took an hour, or results a
             # report cites

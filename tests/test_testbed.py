@@ -556,7 +556,7 @@ def test_a_teacher_retrained_in_place_makes_its_students_stale(tb, tmp_path):
 
 def test_the_archive_holds_finished_runs_and_the_weights_they_name(tb, tmp_path, monkeypatch):
     """Runs that study.json does not list as finished (pending after their teacher changed,
-    moved aside) stay out, a failed one keeps only its outcome.json; the teacher checkpoint a
+    moved aside) stay out, a failed one adds its outcome.json; the teacher checkpoint a
     finished student names goes in, one outside the study's folder does not."""
     import tarfile
 
@@ -584,7 +584,7 @@ def test_the_archive_holds_finished_runs_and_the_weights_they_name(tb, tmp_path,
     with tarfile.open(tmp_path / "a.tar.xz") as tar:
         names = set(tar.getnames())
     assert names == {"study.json", "s/failed/outcome.json"} | {
-        f"{d}/{n}" for d in ("teachers/t", "s/ok", "s/outside")
+        f"{d}/{n}" for d in ("teachers/t", "s/ok", "s/outside", "s/failed")
         for n in ("config.yaml", "summary.json")}
     with tarfile.open(tmp_path / "a.weights.tar") as tar:
         assert tar.getnames() == ["teachers/t/checkpoints/best.pt"]
