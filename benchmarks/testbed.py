@@ -346,7 +346,7 @@ def _dirs(node: Any, statuses: tuple[str, ...] = ("ok",)) -> list[str]:
     return own + [d for v in node.values() for d in _dirs(v, statuses)]
 
 
-def _ended(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
+def _read_outcome(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
     """The ``outcome.json`` of a run of this config (and teacher) that failed or was refused."""
     p = run_dir / OUTCOME
     if not p.is_file():
@@ -452,7 +452,7 @@ class Runner:
         if finished(run_dir, cfg) and not no_weights:
             self.n_skipped += 1
             return {"status": "ok", "dir": rel}
-        ended = _ended(run_dir, cfg)  # how an earlier run of it failed or was refused
+        ended = _read_outcome(run_dir, cfg)  # how an earlier run of it failed or was refused
         if self.record:  # --record: read what is there, train nothing
             if ended is not None:
                 return {**ended, "dir": rel}
@@ -486,17 +486,17 @@ class Runner:
             # the engine or the method refuses this pair: reported, not an error of the run
             reason = " ".join(str(e).split())
             self.log(f"[testbed] {rel}: cannot run: {reason}")
-            return self._ended(cfg, run_dir, "unsupported", reason)
+            return self._write_outcome(cfg, run_dir, "unsupported", reason)
         t0 = time.perf_counter()
         try:
             summary = trainer.fit() or {}
         except NonFiniteLossError as e:
             self.log(f"[testbed] {rel}: FAILED (diverged): {e}")
-            return self._ended(cfg, run_dir, "failed", f"diverged: {e}")
+            return self._write_outcome(cfg, run_dir, "failed", f"diverged: {e}")
         except Exception as e:  # noqa: BLE001 - recorded, reported, retried on the next call
             self.log(f"[testbed] {rel}: FAILED: {type(e).__name__}: {e}")
             traceback.print_exc()
-            return self._ended(cfg, run_dir, "failed", f"{type(e).__name__}: {e}")
+            return self._write_outcome(cfg, run_dir, "failed", f"{type(e).__name__}: {e}")
         (run_dir / OUTCOME).unlink(missing_ok=True)  # an earlier failure of it, now stale
         self.n_run += 1
         acc = summary.get("test_acc1_at_best_val")
@@ -504,8 +504,7 @@ class Runner:
                  f"({time.perf_counter() - t0:.0f} s)")
         return {"status": "ok", "dir": rel}
 
-
-    def _ended(self, cfg: Any, run_dir: Path, status: str, reason: str) -> dict[str, Any]:
+    def _write_outcome(self, cfg: Any, run_dir: Path, status: str, reason: str) -> dict[str, Any]:
         """Write the run's :data:`OUTCOME` and return its record."""
         from topkd.utils.io import atomic_write_text
 
